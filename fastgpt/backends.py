@@ -1,0 +1,321 @@
+"""Which backend serves which op on which tensor, and why. The only dispatch logic in fastgpt.
+
+Backends:
+
+* ``cuda``: the C++/CUDA extension built from ``csrc/`` (layer norm, GELU and their fused variants).
+* ``triton``: Triton kernels in ``fastgpt.kernels`` (flash attention). On CUDA tensors, or on CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before triton was imported (the Triton interpreter:
+  slow, but it executes the real kernel code; that is how the CPU test suite proves the kernels).
+* ``reference``: plain torch (:mod:`fastgpt.reference`); always available.
+
+What is requested comes from, in order: the innermost :func:`use_backend` block, the environment
+variable ``FASTGPT_BACKEND`` (``auto|cuda|triton|reference``), else ``auto``. ``auto`` takes, for CUDA
+tensors, the first GPU backend of the op that can serve the call, else the reference; CPU tensors get
+the reference (the Triton interpreter runs only when ``triton`` is forced). Strict mode (``FASTGPT_STRICT=1`` or
+``use_backend(..., strict=True)``) turns every fallback into :class:`BackendUnavailableError`;
+otherwise each distinct fallback is reported once with a :class:`FallbackWarning`.
+
+The requested backend is process-global, not per thread: autograd runs the backward of CUDA ops on
+its own worker thread, and the backward must see the same choice as the forward.
+"""
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "OP_BACKENDS",
+    "BackendUnavailableError",
+    "FallbackWarning",
+    "Choice",
+    "use_backend",
+    "requested_backend",
+    "strict_mode",
+    "select",
+    "report_fallback",
+    "explain",
+    "backend_unavailable_reason",
+    "reset_warnings",
+]
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+
+# GPU backends that implement each op, in the order ``auto`` tries them. Adding a backend to an op is
+# a line here plus the branch in that op's module that calls it.
+OP_BACKENDS: Dict[str, Tuple[str, ...]] = {
+    "attention": ("triton",),
+    "layer_norm": ("cuda",),
+    "add_layer_norm": ("cuda",),
+    "gelu": ("cuda",),
+    "bias_gelu": ("cuda",),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised in strict mode when the call would otherwise fall back to a slower backend."""
+
+
+class FallbackWarning(UserWarning):
+    """Emitted once per distinct fallback (op, requested backend, reason) outside strict mode."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    op: str
+    backend: str
+    reason: str
+
+
+_lock = threading.Lock()
+_stack: List[Tuple[str, bool]] = []
+_warned: set = set()
+_last_choice: Dict[str, Choice] = {}
+
+
+def _env_backend() -> str:
+    value = os.environ.get("FASTGPT_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FASTGPT_BACKEND must be one of {', '.join(BACKENDS)}; got {value!r}")
+    return value
+
+
+def _env_strict() -> bool:
+    return os.environ.get("FASTGPT_STRICT", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def requested_backend() -> str:
+    """The backend requested right now: innermost use_backend block, else FASTGPT_BACKEND, else auto."""
+    with _lock:
+        if _stack:
+            return _stack[-1][0]
+    return _env_backend()
+
+
+def strict_mode() -> bool:
+    """True when fallbacks raise: FASTGPT_STRICT=1 or an enclosing use_backend(..., strict=True)."""
+    with _lock:
+        if any(strict for _, strict in _stack):
+            return True
+    return _env_strict()
+
+
+@contextlib.contextmanager
+def use_backend(name: str, strict: bool = False) -> Iterator[None]:
+    """Force a backend (``auto``, ``cuda``, ``triton`` or ``reference``) for the ops called in a block.
+
+    With ``strict=True`` a call that the backend cannot serve raises :class:`BackendUnavailableError`
+    instead of falling back. Blocks nest; the innermost wins (strictness is kept from any enclosing
+    strict block). The setting is process-global (see the module docstring).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {', '.join(BACKENDS)}; got {name!r}")
+    with _lock:
+        _stack.append((name, bool(strict)))
+    try:
+        yield
+    finally:
+        with _lock:
+            _stack.pop()
+
+
+def reset_warnings() -> None:
+    """Forget which fallbacks were already reported (for tests)."""
+    with _lock:
+        _warned.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# availability of a backend for a device, independent of the op's own constraints
+# --------------------------------------------------------------------------------------------
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def _triton_importable() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` at all, or None if it can (the op may still decline)."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        reason = _triton_importable()
+        if reason:
+            return reason
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreter_enabled():
+            return None
+        if device.type == "cpu":
+            return "triton needs a CUDA tensor (or TRITON_INTERPRET=1 to run the interpreter on cpu)"
+        return f"triton does not run on {device.type} tensors"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs a CUDA tensor; got a {device.type} tensor"
+        from fastgpt import cuda_ext
+
+        ok, reason = cuda_ext.status()
+        return None if ok else reason
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------------
+
+Constraint = Callable[[str], Optional[str]]
+
+
+def _decline_reason(backend: str, device: torch.device, constraint: Optional[Constraint]) -> Optional[str]:
+    reason = backend_unavailable_reason(backend, device)
+    if reason is None and constraint is not None:
+        reason = constraint(backend)
+    return reason
+
+
+def _auto(op: str, device: torch.device, constraint: Optional[Constraint]) -> Tuple[str, str]:
+    if device.type != "cuda":
+        # the Triton interpreter is orders of magnitude slower than torch on cpu: only a forced
+        # use_backend("triton") runs it
+        return "reference", f"{device.type} tensors: the GPU kernels ({', '.join(OP_BACKENDS[op])}) need CUDA tensors"
+    reasons = []
+    for backend in OP_BACKENDS[op]:
+        reason = _decline_reason(backend, device, constraint)
+        if reason is None:
+            return backend, f"auto: {backend} serves {device.type} tensors"
+        reasons.append(f"{backend}: {reason}")
+    return "reference", "; ".join(reasons) if reasons else f"{op} has no GPU backend"
+
+
+def report_fallback(op: str, requested: str, reason: str, *, cpu_notice: bool = False) -> None:
+    """A call of ``op`` cannot use ``requested``: raise in strict mode, else warn once per reason."""
+    if strict_mode():
+        raise BackendUnavailableError(
+            f"fastgpt.{op}: the {requested} backend cannot serve this call ({reason}) and strict mode "
+            "is on (FASTGPT_STRICT=1 or use_backend(..., strict=True)); "
+            "use_backend('reference') runs the plain-torch implementation explicitly"
+        )
+    if cpu_notice:
+        # one notice per process, not per op: on a CPU-only machine every op takes this path
+        key, message = ("cpu",), (
+            "fastgpt: cpu tensors run the plain-torch reference ops (no GPU kernel serves them); "
+            "fastgpt.explain() shows the backend of each op"
+        )
+    else:
+        key, message = (op, requested, reason), f"fastgpt.{op}: {requested} backend unavailable, using the reference ({reason})"
+    with _lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, FallbackWarning, stacklevel=3)
+
+
+def select(op: str, device: torch.device, constraint: Optional[Constraint] = None) -> str:
+    """Pick the backend for one call of ``op`` on tensors on ``device``.
+
+    ``constraint(backend)`` returns why that backend's kernel cannot take this particular call
+    (dtype, head dim, ...) or None. Returns ``"cuda"``, ``"triton"`` or ``"reference"``; raises
+    :class:`BackendUnavailableError` in strict mode instead of falling back.
+    """
+    if op not in OP_BACKENDS:
+        raise KeyError(f"unknown op {op!r}")
+    requested = requested_backend()
+    if requested == "reference":
+        choice = Choice(op, "reference", "requested")
+    elif requested != "auto":
+        if requested in OP_BACKENDS[op]:
+            reason = _decline_reason(requested, device, constraint)
+        else:
+            reason = f"{op} has no {requested} backend (it has: {', '.join(OP_BACKENDS[op]) or 'none'})"
+        if reason is None:
+            choice = Choice(op, requested, "requested")
+        else:
+            report_fallback(op, requested, reason)
+            backend, auto_reason = _auto(op, device, constraint)
+            choice = Choice(op, backend, f"requested {requested} unavailable ({reason}); {auto_reason}")
+    else:
+        backend, reason = _auto(op, device, constraint)
+        if backend == "reference":
+            report_fallback(op, "GPU", reason, cpu_notice=device.type == "cpu")
+        choice = Choice(op, backend, reason)
+    _last_choice[op] = choice
+    return choice.backend
+
+
+def last_choice(op: str) -> Optional[Choice]:
+    """The backend the most recent call of ``op`` used, and why (None before the first call)."""
+    return _last_choice.get(op)
+
+
+# --------------------------------------------------------------------------------------------
+# explain
+# --------------------------------------------------------------------------------------------
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _plan(op: str, device: torch.device) -> Tuple[str, str, Dict[str, str]]:
+    """What a typical call on ``device`` would get, without running or compiling anything."""
+    candidates = {b: (_decline_reason(b, device, None) or "available") for b in OP_BACKENDS[op]}
+    requested = requested_backend()
+    if requested == "reference":
+        return "reference", "requested (use_backend or FASTGPT_BACKEND)", candidates
+    if requested != "auto":
+        if candidates.get(requested) == "available":
+            return requested, "requested", candidates
+        why = candidates.get(requested, f"{op} has no {requested} backend")
+        backend, reason = _auto(op, device, None)
+        return backend, f"requested {requested} unavailable ({why}); {reason}", candidates
+    backend, reason = _auto(op, device, None)
+    if device.type == "cpu" and not torch.cuda.is_available():
+        reason = f"no CUDA device (torch.cuda.is_available() is False); {reason}"
+    return backend, reason, candidates
+
+
+def explain(as_dict: bool = False, device: Optional[torch.device | str] = None):
+    """Tell which backend each op uses on this machine, and why.
+
+    For tensors on ``device`` (default: the current CUDA device if there is one, else cpu), gives per
+    op the backend a typical call gets and the reason, plus every GPU backend's availability.
+    Prints a table and returns None, or with ``as_dict=True`` returns
+    ``{op: {"backend", "reason", "candidates": {backend: "available" | reason}}}`` without printing.
+    """
+    dev = torch.device(device) if device is not None else _default_device()
+    plan = {}
+    for op in OP_BACKENDS:
+        backend, reason, candidates = _plan(op, dev)
+        plan[op] = {"backend": backend, "reason": reason, "candidates": candidates, "device": str(dev)}
+    if as_dict:
+        return plan
+    strict = "on" if strict_mode() else "off"
+    print(f"fastgpt backends for {dev} tensors (requested: {requested_backend()}, strict: {strict})")
+    width = max(len(op) for op in plan)
+    for op, row in plan.items():
+        print(f"  {op:<{width}}  {row['backend']:<9}  {row['reason']}")
+    return None
+
+
+def tool_status() -> Dict[str, Optional[str]]:
+    """Where the CUDA toolchain is (for `fastgpt info`): nvcc path and CUDA_HOME, or None."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if cuda_home is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        cuda_home = "/usr/local/cuda (not exported as CUDA_HOME)"
+    return {"nvcc": nvcc, "CUDA_HOME": cuda_home}

@@ -1,0 +1,324 @@
+"""Attention: the ``fastgpt::attention_fwd`` / ``fastgpt::attention_bwd`` custom ops and the public entry points.
+
+Public functions (all share one pair of custom ops, so every layout runs the same kernels):
+
+* :func:`scaled_dot_product_attention` - drop-in for ``torch.nn.functional.scaled_dot_product_attention``,
+  layout (B, H, S, D).
+* :func:`flash_attn_func` - drop-in for ``flash_attn.flash_attn_func``, layout (B, S, H, D).
+* :func:`attention` - fastgpt's own entry point, (B, H, S, D), with ``return_lse``.
+
+Semantics that differ from torch: when ``is_causal`` and Sq != Sk the mask is aligned to the bottom
+right (query i sees key j iff j <= i + Sk - Sq), as in flash-attn and KV-cache decoding; torch aligns
+it to the top left. Query rows that see no key (Sq > Sk) give zeros, never NaN.
+
+Backend interface (``fastgpt.kernels.flash_attention`` implements it for ``triton``)::
+
+    unsupported_reason(q, k, v) -> str | None          # why this call cannot run on the kernel
+    forward(q, k, v, out, lse, is_causal, scale) -> None   # writes out and lse (B, Hq, Sq) float32
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale) -> None   # writes dq, dk, dv
+
+q, k, v, out, dout, dq, dk, dv are logical (B, H, S, D) tensors with arbitrary strides (the last dim
+is contiguous); ``dlse`` is None or (B, Hq, Sq).
+"""
+
+import importlib.util
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastgpt import backends, reference
+from fastgpt.ops._checks import check_same_device, check_same_dtype, check_tensor, is_compiling
+
+__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+_KERNEL_MODULE = "fastgpt.kernels.flash_attention"
+
+
+# --------------------------------------------------------------------------------------------
+# output allocation: one helper for the real and the fake (meta) implementation, so strides agree
+# --------------------------------------------------------------------------------------------
+
+
+def _alloc(like: Tensor, b: int, h: int, s: int, d: int, seq_major: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A logical (b, h, s, d) tensor stored as (b, s, h, d) when seq_major, else contiguous."""
+    dtype = dtype or like.dtype
+    if seq_major:
+        return torch.empty(b, s, h, d, dtype=dtype, device=like.device).transpose(1, 2)
+    return torch.empty(b, h, s, d, dtype=dtype, device=like.device)
+
+
+def _alloc_forward(q: Tensor, v: Tensor, seq_major: bool) -> Tuple[Tensor, Tensor]:
+    b, hq, sq, _ = q.shape
+    out = _alloc(q, b, hq, sq, v.shape[-1], seq_major)
+    lse = torch.empty(b, hq, sq, dtype=reference.stats_dtype(q.dtype), device=q.device)
+    return out, lse
+
+
+def _alloc_grads(q: Tensor, k: Tensor, v: Tensor, seq_major: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return (
+        _alloc(q, *q.shape, seq_major),
+        _alloc(k, *k.shape, seq_major),
+        _alloc(v, *v.shape, seq_major),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# backend choice
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_constraint(q: Tensor, k: Tensor, v: Tensor):
+    def why_not(backend: str) -> Optional[str]:
+        if backend != "triton":
+            return None
+        if importlib.util.find_spec(_KERNEL_MODULE) is None:
+            return "the triton flash-attention kernel is not part of this build"
+        from fastgpt.kernels import flash_attention
+
+        return flash_attention.unsupported_reason(q, k, v)
+
+    return why_not
+
+
+def _backend_for(q: Tensor, k: Tensor, v: Tensor) -> str:
+    if q.numel() == 0 or k.numel() == 0:
+        return "reference"  # nothing to compute; no kernel launch, no fallback to report
+    return backends.select("attention", q.device, _kernel_constraint(q, k, v))
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastgpt::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, seq_major: bool) -> Tuple[Tensor, Tensor]:
+    out, lse = _alloc_forward(q, v, seq_major)
+    if _backend_for(q, k, v) == "triton":
+        from fastgpt.kernels import flash_attention
+
+        flash_attention.forward(q, k, v, out, lse, is_causal, scale)
+        return out, lse
+    ref_out, ref_lse = reference.attention_forward(q, k, v, is_causal, scale)
+    out.copy_(ref_out)
+    lse.copy_(ref_lse)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, is_causal, scale, seq_major):
+    return _alloc_forward(q, v, seq_major)
+
+
+@torch.library.custom_op("fastgpt::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Optional[Tensor],
+    is_causal: bool,
+    scale: float,
+    seq_major: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _alloc_grads(q, k, v, seq_major)
+    if _backend_for(q, k, v) == "triton":
+        from fastgpt.kernels import flash_attention
+
+        flash_attention.backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale)
+        return dq, dk, dv
+    for dst, src in zip((dq, dk, dv), reference.attention_backward(dout, q, k, v, out, lse, dlse, is_causal, scale)):
+        dst.copy_(src)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, seq_major):
+    return _alloc_grads(q, k, v, seq_major)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, is_causal, scale, seq_major = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.is_causal, ctx.scale, ctx.seq_major = is_causal, scale, seq_major
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fastgpt.attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# validation and the torch fallback for what the kernels do not implement
+# --------------------------------------------------------------------------------------------
+
+
+def _check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, *, allow_gqa: bool, gqa_flag: str = "") -> None:
+    """q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv) as logical views; raise before computing."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(fn, name, t, ndim=(4,))
+    check_same_dtype(fn, q=q, k=k, v=v)
+    check_same_device(fn, q=q, k=k, v=v)
+    (b, hq, _, d), (bk, hk, sk, dk), (bv, hv, sv, dv) = q.shape, k.shape, v.shape
+    if bk != b or bv != b:
+        raise ValueError(f"{fn}: batch sizes differ: q has {b}, k has {bk}, v has {bv}; expected the same batch")
+    if dk != d:
+        raise ValueError(f"{fn}: k must have q's head dim {d}; got {dk}")
+    if (hv, sv) != (hk, sk):
+        raise ValueError(f"{fn}: v must have k's heads and length ({hk}, {sk}); got ({hv}, {sv})")
+    for name, size in (("q/k", d), ("v", dv)):
+        if size > MAX_HEAD_DIM:
+            raise ValueError(f"{fn}: {name} head dim {size} is not supported; expected at most {MAX_HEAD_DIM}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"{fn}: the number of q heads ({hq}) must be a multiple of the k/v heads ({hk})")
+    if hq != hk and not allow_gqa:
+        raise ValueError(
+            f"{fn}: q has {hq} heads but k/v have {hk}; pass {gqa_flag}=True for grouped-query attention"
+        )
+
+
+def _default_scale(scale: Optional[float], d: int) -> float:
+    return float(scale) if scale is not None else 1.0 / math.sqrt(d)
+
+
+def _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason):
+    """Features the kernels lack (dense masks, dropout): torch's own SDPA, with our semantics kept."""
+    if not is_compiling():
+        requested = backends.requested_backend()
+        if requested != "reference":
+            backends.report_fallback("attention", "triton" if requested == "auto" else requested, reason)
+    hq = q.shape[1]
+    k, v = reference._expand_kv(k, hq), reference._expand_kv(v, hq)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if not is_causal:
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    sq, sk = q.shape[2], k.shape[2]
+    if sq > sk:
+        # the first sq - sk rows see no key: zeros, and the rest is a square causal problem
+        tail = sdpa(q[:, :, sq - sk :], k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        head = tail.new_zeros(*tail.shape[:2], sq - sk, tail.shape[-1])
+        return torch.cat([head, tail], dim=2)
+    return sdpa(q, k, v, attn_mask=reference.causal_mask(sq, sk, q.device), dropout_p=dropout_p, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Softmax attention over (B, H, S, D) tensors, with the log-sum-exp on request.
+
+    Args:
+        q: (B, Hq, Sq, D) queries; float16, bfloat16, float32 (or float64, reference only).
+        k: (B, Hk, Sk, D) keys; Hk divides Hq (GQA/MQA: query head h uses kv head h // (Hq // Hk)).
+        v: (B, Hk, Sk, Dv) values.
+        causal: causal mask aligned to the bottom right when Sq != Sk (rows that see no key give 0).
+        scale: softmax scale; default 1/sqrt(D).
+        return_lse: also return the natural-log log-sum-exp of the scaled scores, (B, Hq, Sq) float32
+            (-inf for rows that see no key). It is differentiable, so partial attentions over key
+            blocks can be merged (out = sum_i exp(lse_i - lse) out_i) and trained through.
+
+    Returns:
+        out (B, Hq, Sq, Dv) in q's dtype, or (out, lse) when ``return_lse``. Any strides are accepted
+        (the last dim should be contiguous for the kernel to read it without a copy).
+    """
+    fn = "fastgpt.attention"
+    _check_qkv(fn, q, k, v, allow_gqa=True)
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, bool(causal), _default_scale(scale, q.shape[-1]), False)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same arguments and defaults).
+
+    Layout (B, H, S, D) (or (B, S, D), one head). ``is_causal`` aligns the mask to the bottom right
+    when Sq != Sk (torch aligns it to the top left; they agree when Sq == Sk). A dense ``attn_mask``
+    or ``dropout_p > 0`` is not implemented by the kernels: such calls run torch's SDPA, with a
+    one-time :class:`~fastgpt.backends.FallbackWarning` (an error in strict mode). Returns
+    (B, Hq, Sq, Dv) in query's dtype.
+    """
+    fn = "fastgpt.scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(fn, name, t, ndim=(3, 4))
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"{fn}: query, key and value must have the same rank; got {query.dim()}, {key.dim()}, {value.dim()}")
+    squeeze = query.dim() == 3
+    q, k, v = (t.unsqueeze(1) for t in (query, key, value)) if squeeze else (query, key, value)
+    _check_qkv(fn, q, k, v, allow_gqa=enable_gqa, gqa_flag="enable_gqa")
+    if attn_mask is not None and is_causal:
+        raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as torch does)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1); got {dropout_p}")
+    scale = _default_scale(scale, q.shape[-1])
+    if attn_mask is not None or dropout_p > 0.0:
+        reason = "attn_mask is not supported by the kernels" if attn_mask is not None else "dropout_p > 0 is not supported by the kernels"
+        if attn_mask is not None and squeeze and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+        out = _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason)
+    else:
+        out, _ = torch.ops.fastgpt.attention_fwd(q, k, v, bool(is_causal), scale, False)
+    return out.squeeze(1) if squeeze else out
+
+
+def flash_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    return_lse: bool = False,
+):
+    """Drop-in for ``flash_attn.flash_attn_func``: layout (B, S, H, D), GQA when k/v have fewer heads.
+
+    Runs the same kernels as :func:`scaled_dot_product_attention` through strides (no transposing
+    copy); the output is a contiguous (B, Sq, Hq, Dv) tensor. The causal mask is bottom-right
+    aligned, as in flash-attn >= 2.1. ``dropout_p > 0`` runs torch's SDPA with a one-time warning.
+    With ``return_lse`` also returns the log-sum-exp, (B, Hq, Sq) float32.
+    """
+    fn = "fastgpt.flash_attn_func"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(fn, name, t, ndim=(4,))
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    _check_qkv(fn, qt, kt, vt, allow_gqa=True)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1); got {dropout_p}")
+    scale = _default_scale(softmax_scale, q.shape[-1])
+    if dropout_p > 0.0:
+        if return_lse:
+            raise ValueError(f"{fn}: return_lse is not available with dropout_p > 0")
+        out = _torch_sdpa_fallback(qt, kt, vt, None, dropout_p, causal, scale, "dropout_p > 0 is not supported by the kernels")
+        return out.transpose(1, 2).contiguous()
+    out, lse = torch.ops.fastgpt.attention_fwd(qt, kt, vt, bool(causal), scale, True)
+    out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,148 @@
+"""GELU and bias + GELU: custom ops and public functions.
+
+Custom ops (x contiguous; bias (N,) with N = x.shape[-1]):
+
+* ``fastgpt::gelu_fwd(x, approximate) -> y``
+* ``fastgpt::gelu_bwd(dy, x, approximate) -> dx``
+* ``fastgpt::bias_gelu_fwd(x, bias, approximate) -> y``
+* ``fastgpt::bias_gelu_bwd(dy, x, bias, approximate) -> (dx, dbias)``
+
+``approximate`` is "none" (erf) or "tanh", as in ``torch.nn.functional.gelu``. The cuda backend
+(``fastgpt.cuda_ext``) exposes ops of the same names and signatures.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastgpt import backends, reference
+from fastgpt.ops._checks import check_approximate, check_param_dtype, check_same_device, check_tensor
+
+__all__ = ["gelu", "bias_gelu"]
+
+
+def _cuda_ops():
+    from fastgpt import cuda_ext
+
+    return cuda_ext.load()
+
+
+def _choose(op: str, x: Tensor) -> str:
+    if x.numel() == 0:
+        return "reference"
+
+    def why_not(backend: str) -> Optional[str]:
+        if backend == "cuda" and x.dtype == torch.float64:
+            return "the cuda kernels take float16, bfloat16 and float32 (got float64)"
+        return None
+
+    return backends.select(op, x.device, why_not)
+
+
+@torch.library.custom_op("fastgpt::gelu_fwd", mutates_args=())
+def _gelu_fwd(x: Tensor, approximate: str) -> Tensor:
+    if _choose("gelu", x) == "cuda":
+        return _cuda_ops().gelu_fwd(x, approximate)
+    return reference.gelu_forward(x, approximate)
+
+
+@_gelu_fwd.register_fake
+def _gelu_fwd_fake(x, approximate):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastgpt::gelu_bwd", mutates_args=())
+def _gelu_bwd(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
+    if _choose("gelu", x) == "cuda":
+        return _cuda_ops().gelu_bwd(dy, x, approximate)
+    return reference.gelu_backward(dy, x, approximate)
+
+
+@_gelu_bwd.register_fake
+def _gelu_bwd_fake(dy, x, approximate):
+    return torch.empty_like(x)
+
+
+def _gelu_setup_context(ctx, inputs, output):
+    x, approximate = inputs
+    ctx.save_for_backward(x)
+    ctx.approximate = approximate
+
+
+def _gelu_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return torch.ops.fastgpt.gelu_bwd(dy.contiguous(), x, ctx.approximate), None
+
+
+_gelu_fwd.register_autograd(_gelu_backward, setup_context=_gelu_setup_context)
+
+
+@torch.library.custom_op("fastgpt::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
+    if _choose("bias_gelu", x) == "cuda":
+        return _cuda_ops().bias_gelu_fwd(x, bias, approximate)
+    return reference.bias_gelu_forward(x, bias, approximate)
+
+
+@_bias_gelu_fwd.register_fake
+def _bias_gelu_fwd_fake(x, bias, approximate):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastgpt::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
+    if _choose("bias_gelu", x) == "cuda":
+        return _cuda_ops().bias_gelu_bwd(dy, x, bias, approximate)
+    return reference.bias_gelu_backward(dy, x, bias, approximate)
+
+
+@_bias_gelu_bwd.register_fake
+def _bias_gelu_bwd_fake(dy, x, bias, approximate):
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _bias_gelu_setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _bias_gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias = torch.ops.fastgpt.bias_gelu_bwd(dy.contiguous(), x, bias, ctx.approximate)
+    return dx, dbias, None
+
+
+_bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup_context)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """Drop-in for ``torch.nn.functional.gelu``: x of any shape and floating dtype.
+
+    ``approximate="none"`` is the exact erf form, ``"tanh"`` the tanh approximation (GPT-2's
+    "gelu_new"). Computed in float32 (float64 for float64 x); returns x's shape and dtype.
+    Non-contiguous x is copied to a contiguous layout first.
+    """
+    fn = "fastgpt.gelu"
+    check_tensor(fn, "x", x)
+    check_approximate(fn, approximate)
+    return torch.ops.fastgpt.gelu_fwd(x.contiguous(), approximate)
+
+
+def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """``gelu(x + bias)`` in one pass (the epilogue of a bias-free linear layer).
+
+    x is (..., N); bias is (N,), of x's dtype (or float32 for float16/bfloat16 x). The sum is kept in
+    float32 rather than rounded to x's dtype before the GELU. Returns x's shape and dtype; the bias
+    gradient is summed over all leading dims of x.
+    """
+    fn = "fastgpt.bias_gelu"
+    check_tensor(fn, "x", x, min_ndim=1)
+    check_tensor(fn, "bias", bias, ndim=(1,))
+    check_approximate(fn, approximate)
+    if bias.shape[0] != x.shape[-1]:
+        raise ValueError(f"{fn}: bias must have shape ({x.shape[-1]},) (x's last dim); got {tuple(bias.shape)}")
+    check_param_dtype(fn, "bias", bias, x)
+    check_same_device(fn, x=x, bias=bias)
+    return torch.ops.fastgpt.bias_gelu_fwd(x.contiguous(), bias.contiguous(), approximate)

@@ -1,0 +1,250 @@
+"""Layer norm and residual-add + layer norm: custom ops and public functions.
+
+Custom ops (x is 2-D, rows x normalized size, contiguous):
+
+* ``fastgpt::layer_norm_fwd(x, weight?, bias?, eps) -> (y, mean, rstd)``
+* ``fastgpt::layer_norm_bwd(dy, x, weight?, mean, rstd, need_weight_grad, need_bias_grad) -> (dx, dweight, dbias)``
+* ``fastgpt::add_layer_norm_fwd(x, residual, weight?, bias?, eps) -> (y, sum, mean, rstd)``
+* ``fastgpt::add_layer_norm_bwd(dy, dsum?, sum, weight?, mean, rstd, need_weight_grad, need_bias_grad) -> (dx, dweight, dbias)``
+
+mean and rstd are float32 (float64 for float64 x). A gradient that is not needed comes back as an
+empty tensor (custom ops cannot return None). The cuda backend (``fastgpt.cuda_ext``) exposes ops of
+the same names and signatures.
+"""
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from fastgpt import backends, reference
+from fastgpt.ops._checks import check_param_dtype, check_same_device, check_same_dtype, check_tensor
+
+__all__ = ["layer_norm", "add_layer_norm"]
+
+_EMPTY_SHAPE = (0,)
+
+
+def _cuda_ops():
+    from fastgpt import cuda_ext
+
+    return cuda_ext.load()
+
+
+def _cuda_constraint(x: Tensor):
+    def why_not(backend: str) -> Optional[str]:
+        if backend == "cuda" and x.dtype == torch.float64:
+            return "the cuda kernels take float16, bfloat16 and float32 (got float64)"
+        return None
+
+    return why_not
+
+
+def _choose(op: str, x: Tensor) -> str:
+    if x.numel() == 0:
+        return "reference"
+    return backends.select(op, x.device, _cuda_constraint(x))
+
+
+def _stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    m = x.shape[0]
+    dt = reference.stats_dtype(x.dtype)
+    return x.new_empty(m, dtype=dt), x.new_empty(m, dtype=dt)
+
+
+def _grad_or_empty(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return g if g is not None else like.new_empty(_EMPTY_SHAPE)
+
+
+def _param_grad_like(x: Tensor, weight: Optional[Tensor], needed: bool) -> Tensor:
+    if not needed:
+        return x.new_empty(_EMPTY_SHAPE)
+    dtype = weight.dtype if weight is not None else x.dtype
+    return x.new_empty(x.shape[-1], dtype=dtype)
+
+
+# ---- layer norm ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastgpt::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    if _choose("layer_norm", x) == "cuda":
+        return _cuda_ops().layer_norm_fwd(x, weight, bias, eps)
+    return reference.layer_norm_forward(x, weight, bias, eps)
+
+
+@_layer_norm_fwd.register_fake
+def _layer_norm_fwd_fake(x, weight, bias, eps):
+    return (torch.empty_like(x), *_stats(x))
+
+
+@torch.library.custom_op("fastgpt::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, need_weight_grad: bool, need_bias_grad: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if _choose("layer_norm", x) == "cuda":
+        return _cuda_ops().layer_norm_bwd(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad)
+    dx, dw, db = reference.layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad)
+    return dx, _grad_or_empty(dw, x), _grad_or_empty(db, x)
+
+
+@_layer_norm_bwd.register_fake
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
+    return torch.empty_like(x), _param_grad_like(x, weight, need_weight_grad), _param_grad_like(x, weight, need_bias_grad)
+
+
+def _ln_setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_w = ctx.has_weight and ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    dx, dw, db = torch.ops.fastgpt.layer_norm_bwd(dy, x, weight, mean, rstd, need_w, need_b)
+    return dx, (dw if need_w else None), (db if need_b else None), None
+
+
+_layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+
+
+# ---- add + layer norm ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastgpt::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd(
+    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _choose("add_layer_norm", x) == "cuda":
+        return _cuda_ops().add_layer_norm_fwd(x, residual, weight, bias, eps)
+    return reference.add_layer_norm_forward(x, residual, weight, bias, eps)
+
+
+@_add_layer_norm_fwd.register_fake
+def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps):
+    return (torch.empty_like(x), torch.empty_like(x), *_stats(x))
+
+
+@torch.library.custom_op("fastgpt::add_layer_norm_bwd", mutates_args=())
+def _add_layer_norm_bwd(
+    dy: Tensor,
+    dsum: Optional[Tensor],
+    s: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if _choose("add_layer_norm", s) == "cuda":
+        return _cuda_ops().add_layer_norm_bwd(dy, dsum, s, weight, mean, rstd, need_weight_grad, need_bias_grad)
+    dx, dw, db = reference.add_layer_norm_backward(dy, dsum, s, weight, mean, rstd, need_weight_grad, need_bias_grad)
+    return dx, _grad_or_empty(dw, s), _grad_or_empty(db, s)
+
+
+@_add_layer_norm_bwd.register_fake
+def _add_layer_norm_bwd_fake(dy, dsum, s, weight, mean, rstd, need_weight_grad, need_bias_grad):
+    return torch.empty_like(s), _param_grad_like(s, weight, need_weight_grad), _param_grad_like(s, weight, need_bias_grad)
+
+
+def _aln_setup_context(ctx, inputs, output):
+    _, _, weight, bias, _ = inputs
+    _, s, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _aln_backward(ctx, dy, dsum, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(s)
+    need_w = ctx.has_weight and ctx.needs_input_grad[2]
+    need_b = ctx.has_bias and ctx.needs_input_grad[3]
+    dx, dw, db = torch.ops.fastgpt.add_layer_norm_bwd(dy, dsum, s, weight, mean, rstd, need_w, need_b)
+    return dx, dx, (dw if need_w else None), (db if need_b else None), None
+
+
+_add_layer_norm_fwd.register_autograd(_aln_backward, setup_context=_aln_setup_context)
+
+
+# ---- public functions ------------------------------------------------------------------------
+
+
+def _normalized_shape(fn: str, x: Tensor, normalized_shape: Union[int, Sequence[int], torch.Size]) -> Tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+    if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape) :]) != shape:
+        raise ValueError(
+            f"{fn}: normalized_shape {shape} must equal the trailing dims of x; x has shape {tuple(x.shape)}"
+        )
+    return shape
+
+
+def _check_params(fn: str, x: Tensor, n_shape: Tuple[int, ...], weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(fn, name, p)
+        if tuple(p.shape) != n_shape:
+            raise ValueError(f"{fn}: {name} must have shape {n_shape} (normalized_shape); got {tuple(p.shape)}")
+        check_param_dtype(fn, name, p, x)
+    check_same_device(fn, x=x, weight=weight, bias=bias)
+
+
+def _as_rows(x: Tensor, n: int) -> Tensor:
+    return x.contiguous().view(-1, n) if x.numel() else x.reshape(-1, n)
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Union[int, Sequence[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.layer_norm``.
+
+    Normalizes over the trailing dims ``normalized_shape`` of x (any leading shape), then scales by
+    ``weight`` and shifts by ``bias`` (each optional, shape ``normalized_shape``). x is float16,
+    bfloat16, float32 or float64; weight/bias have x's dtype or float32 for half-precision x. Statistics
+    are computed in float32 with a two-pass variance. Returns a tensor of x's shape and dtype.
+    Non-contiguous x is copied to a contiguous layout first.
+    """
+    fn = "fastgpt.layer_norm"
+    check_tensor(fn, "x", x, min_ndim=1)
+    n_shape = _normalized_shape(fn, x, normalized_shape)
+    _check_params(fn, x, n_shape, weight, bias)
+    n = math.prod(n_shape)
+    w = weight.reshape(n) if weight is not None else None
+    b = bias.reshape(n) if bias is not None else None
+    y, _, _ = torch.ops.fastgpt.layer_norm_fwd(_as_rows(x, n), w, b, float(eps))
+    return y.view(x.shape)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor]:
+    """Residual add and layer norm over the last dim in one pass: returns ``(layer_norm(x + residual), x + residual)``.
+
+    x and residual have the same shape (..., N) and dtype; weight and bias are (N,) or None. The sum
+    is rounded to x's dtype before it is normalized (as in eager code that stores the residual
+    stream), so the two outputs are consistent. Both outputs have x's shape and dtype.
+    """
+    fn = "fastgpt.add_layer_norm"
+    check_tensor(fn, "x", x, min_ndim=1)
+    check_tensor(fn, "residual", residual)
+    check_same_dtype(fn, x=x, residual=residual)
+    check_same_device(fn, x=x, residual=residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"{fn}: residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
+    n = x.shape[-1]
+    _check_params(fn, x, (n,), weight, bias)
+    y, s, _, _ = torch.ops.fastgpt.add_layer_norm_fwd(_as_rows(x, n), _as_rows(residual, n), weight, bias, float(eps))
+    return y.view(x.shape), s.view(x.shape)

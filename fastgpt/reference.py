@@ -1,0 +1,274 @@
+"""Plain-torch implementations of every fastgpt op.
+
+These are two things at once: the CPU fallback (what runs when no GPU kernel can serve a call), and
+the oracle every kernel is tested against. They favour clarity over speed, and compute in float32 for
+float16/bfloat16 inputs (float64 inputs stay float64, which is how the tests get their exact answers).
+
+Conventions shared with the kernels (so they can be compared output for output):
+
+* attention works on logical (B, H, S, D) tensors; k and v may have fewer heads than q (GQA: query
+  head ``h`` uses kv head ``h // (Hq // Hk)``); the causal mask is aligned to the bottom right, so
+  query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``. Query rows that see no key (``Sq > Sk``)
+  output zeros and have log-sum-exp ``-inf``; their gradients are zero.
+* the log-sum-exp is natural-log, of the *scaled* scores, in float32 (float64 for float64 inputs).
+* layer norm saves mean and rstd (1 / sqrt(var + eps)) per row in float32 (float64 for float64).
+* weight/bias of the norms may be float32 when x is float16/bfloat16 (the mixed-precision layout that
+  autocast produces); outputs always have x's dtype, weight gradients the weight's dtype.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compute_dtype",
+    "stats_dtype",
+    "causal_mask",
+    "attention_forward",
+    "attention_backward",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "add_layer_norm_forward",
+    "add_layer_norm_backward",
+    "gelu_forward",
+    "gelu_backward",
+    "bias_gelu_forward",
+    "bias_gelu_backward",
+]
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_COEF = 0.044715
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference (and every kernel) accumulates in for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of saved statistics (log-sum-exp, mean, rstd) for inputs of ``dtype``."""
+    return compute_dtype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def causal_mask(sq: int, sk: int, device: torch.device | str = "cpu") -> Tensor:
+    """Boolean (sq, sk) mask, True where query i may attend to key j (bottom-right aligned)."""
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return j <= i + (sk - sq)
+
+
+def _expand_kv(t: Tensor, hq: int) -> Tensor:
+    """Repeat kv heads so head h of the result is kv head h // (hq // hk) (a view when possible)."""
+    b, hk, s, d = t.shape
+    if hk == hq:
+        return t
+    return t[:, :, None].expand(b, hk, hq // hk, s, d).reshape(b, hq, s, d)
+
+
+def _sum_groups(t: Tensor, hk: int) -> Tensor:
+    """Inverse of _expand_kv for gradients: sum the query heads that share a kv head."""
+    b, hq, s, d = t.shape
+    if hk == hq:
+        return t
+    return t.reshape(b, hk, hq // hk, s, d).sum(dim=2)
+
+
+def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float) -> Tuple[Tensor, Optional[Tensor]]:
+    """Scaled scores (B, Hq, Sq, Sk) in compute dtype, and the causal mask (or None)."""
+    cd = compute_dtype(q.dtype)
+    s = torch.matmul(q.to(cd), _expand_kv(k.to(cd), q.shape[1]).transpose(-2, -1)) * scale
+    mask = causal_mask(q.shape[2], k.shape[2], q.device) if is_causal else None
+    return s, mask
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """Softmax attention. q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides.
+
+    Returns ``out`` (B, Hq, Sq, Dv) in q's dtype and ``lse`` (B, Hq, Sq) in :func:`stats_dtype`.
+    """
+    cd = compute_dtype(q.dtype)
+    s, mask = _scores(q, k, is_causal, scale)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+        row_has_key = mask.any(dim=-1)  # (Sq,)
+        # rows that see no key would give -inf - -inf = nan below; make them finite, zero them after
+        s = torch.where(row_has_key[:, None], s, torch.zeros((), dtype=cd, device=s.device))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    out = torch.matmul(p, _expand_kv(v.to(cd), q.shape[1]))
+    if mask is not None:
+        out = out * row_has_key[:, None].to(cd)
+        lse = lse.masked_fill(~row_has_key, float("-inf"))
+    return out.to(q.dtype), lse.to(stats_dtype(q.dtype))
+
+
+def attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Optional[Tensor],
+    is_causal: bool,
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_forward`, recomputing P from the saved log-sum-exp.
+
+    The FlashAttention-2 formulation: with ``delta = rowsum(dout * out) - dlse``,
+    ``dS = P * (dout @ V^T - delta)``, ``dQ = scale * dS @ K``, ``dK = scale * dS^T @ Q``,
+    ``dV = P^T @ dout``; kv gradients are summed over the query heads of each GQA group.
+    ``dlse`` (B, Hq, Sq), the gradient flowing into the returned log-sum-exp, may be None.
+    Returns dq, dk, dv in the dtypes of q, k, v.
+    """
+    cd = compute_dtype(q.dtype)
+    hq, hk = q.shape[1], k.shape[1]
+    s, mask = _scores(q, k, is_causal, scale)
+    lse_c = lse.to(cd)
+    finite = torch.isfinite(lse_c)
+    p = torch.exp(s - torch.where(finite, lse_c, torch.zeros((), dtype=cd, device=s.device))[..., None])
+    keep = finite[..., None] if mask is None else (mask & finite[..., None])
+    p = torch.where(keep, p, torch.zeros((), dtype=cd, device=p.device))
+
+    do_c = dout.to(cd)
+    v_e = _expand_kv(v.to(cd), hq)
+    delta = (do_c * out.to(cd)).sum(dim=-1)
+    if dlse is not None:
+        delta = delta - dlse.to(cd)
+    dp = torch.matmul(do_c, v_e.transpose(-2, -1))
+    ds = p * (dp - delta[..., None])
+    dq = torch.matmul(ds, _expand_kv(k.to(cd), hq)) * scale
+    dk = _sum_groups(torch.matmul(ds.transpose(-2, -1), q.to(cd)) * scale, hk)
+    dv = _sum_groups(torch.matmul(p.transpose(-2, -1), do_c), hk)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# layer norm (x is 2-D here: rows x normalized size; the public op flattens)
+# --------------------------------------------------------------------------------------------
+
+
+def layer_norm_forward(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Layer norm over the last dim of x (M, N). Returns y (x's dtype), mean and rstd (M,)."""
+    cd = compute_dtype(x.dtype)
+    xc = x.to(cd)
+    mean = xc.mean(dim=-1)
+    xm = xc - mean[:, None]
+    # two-pass variance: E[x^2] - E[x]^2 cancels catastrophically for rows with a large mean
+    rstd = torch.rsqrt((xm * xm).mean(dim=-1) + eps)
+    y = xm * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(cd)
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y.to(x.dtype), mean.to(stats_dtype(x.dtype)), rstd.to(stats_dtype(x.dtype))
+
+
+def layer_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of :func:`layer_norm_forward`: dx (x's dtype), dweight and dbias (weight's dtype) or None."""
+    cd = compute_dtype(x.dtype)
+    dyc = dy.to(cd)
+    xhat = (x.to(cd) - mean.to(cd)[:, None]) * rstd.to(cd)[:, None]
+    g = dyc * weight.to(cd) if weight is not None else dyc
+    dx = rstd.to(cd)[:, None] * (g - g.mean(dim=-1, keepdim=True) - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+    wdtype = weight.dtype if weight is not None else x.dtype
+    dw = (dyc * xhat).sum(dim=0).to(wdtype) if need_weight_grad else None
+    db = dyc.sum(dim=0).to(wdtype) if need_bias_grad else None
+    return dx.to(x.dtype), dw, db
+
+
+def add_layer_norm_forward(
+    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``s = x + residual`` (rounded to x's dtype, as eager code stores it) and ``layer_norm(s)``.
+
+    Returns y, s, mean, rstd. The norm is taken of the rounded sum so that y is exactly the layer
+    norm of the residual stream the caller keeps.
+    """
+    s = (x.to(compute_dtype(x.dtype)) + residual.to(compute_dtype(x.dtype))).to(x.dtype)
+    y, mean, rstd = layer_norm_forward(s, weight, bias, eps)
+    return y, s, mean, rstd
+
+
+def add_layer_norm_backward(
+    dy: Tensor,
+    dsum: Optional[Tensor],
+    s: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of :func:`add_layer_norm_forward`.
+
+    ``dsum`` is the gradient flowing into the returned sum (None when unused). The gradient of x and
+    of residual are the same tensor: ``layer_norm_backward(dy) + dsum``.
+    """
+    dx, dw, db = layer_norm_backward(dy, s, weight, mean, rstd, need_weight_grad, need_bias_grad)
+    if dsum is not None:
+        cd = compute_dtype(s.dtype)
+        dx = (dx.to(cd) + dsum.to(cd)).to(s.dtype)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# GELU
+# --------------------------------------------------------------------------------------------
+
+
+def _gelu(xc: Tensor, approximate: str) -> Tensor:
+    if approximate == "tanh":
+        return 0.5 * xc * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (xc + _TANH_COEF * xc * xc * xc)))
+    return 0.5 * xc * (1.0 + torch.erf(xc * _INV_SQRT_2))
+
+
+def _gelu_grad(xc: Tensor, approximate: str) -> Tensor:
+    if approximate == "tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (xc + _TANH_COEF * xc * xc * xc))
+        return 0.5 * (1.0 + t) + 0.5 * xc * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEF * xc * xc)
+    return 0.5 * (1.0 + torch.erf(xc * _INV_SQRT_2)) + xc * torch.exp(-0.5 * xc * xc) * _INV_SQRT_2PI
+
+
+def gelu_forward(x: Tensor, approximate: str) -> Tensor:
+    """GELU of x (any shape), ``approximate`` "none" (erf) or "tanh"; computed in float32 or float64."""
+    return _gelu(x.to(compute_dtype(x.dtype)), approximate).to(x.dtype)
+
+
+def gelu_backward(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
+    """dx = dy * gelu'(x), in x's dtype."""
+    cd = compute_dtype(x.dtype)
+    return (dy.to(cd) * _gelu_grad(x.to(cd), approximate)).to(x.dtype)
+
+
+def bias_gelu_forward(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
+    """gelu(x + bias) with bias (N,) broadcast over the last dim; the sum is not rounded in between."""
+    cd = compute_dtype(x.dtype)
+    return _gelu(x.to(cd) + bias.to(cd), approximate).to(x.dtype)
+
+
+def bias_gelu_backward(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
+    """dx = dy * gelu'(x + bias) (x's dtype) and dbias = dx summed over all leading dims (bias's dtype)."""
+    cd = compute_dtype(x.dtype)
+    dxc = dy.to(cd) * _gelu_grad(x.to(cd) + bias.to(cd), approximate)
+    dbias = dxc.reshape(-1, x.shape[-1]).sum(dim=0)
+    return dxc.to(x.dtype), dbias.to(bias.dtype)

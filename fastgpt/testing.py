@@ -1,0 +1,183 @@
+"""The numerical-parity rule every fastgpt test and benchmark uses (DESIGN.md section 4).
+
+A kernel result ``out`` in dtype t is compared with ``ref``, the same computation in float64, and
+with ``base``, the plain-torch result computed in dtype t::
+
+    max|out - ref| <= 2 * max|base - ref| + atol_t      (forward)
+    max|grad - ref| <= 3 * max|grad_base - ref| + atol_t (gradients)
+
+so a kernel may be no worse than twice (three times for gradients) what PyTorch itself gets wrong in
+the same precision; the small ``atol_t`` floor keeps exact-zero baselines from making it impossible.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+ATOL = {
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-3,
+    torch.float32: 1e-5,
+    torch.float64: 1e-12,
+}
+FORWARD_FACTOR = 2.0
+GRADIENT_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class Parity:
+    """One comparison: the kernel's error, the baseline's error and the bound they imply."""
+
+    name: str
+    error: float
+    base_error: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAILS"
+        return (
+            f"{self.name}: max|out - ref64| = {self.error:.3e}, max|base - ref64| = {self.base_error:.3e}, "
+            f"bound = {self.bound:.3e} ({verdict})"
+        )
+
+
+def _max_abs_diff(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    # equal infinities (a log-sum-exp of -inf for a row that sees no key) are agreement, not nan
+    diff = torch.where(a64 == b64, torch.zeros((), dtype=torch.float64, device=a64.device), (a64 - b64).abs())
+    # nan anywhere is an error, never a pass: nan compares false with every bound
+    return float("nan") if torch.isnan(diff).any() else float(diff.max())
+
+
+def parity(name: str, out: Tensor, ref: Tensor, base: Tensor, *, gradient: bool = False, atol: Optional[float] = None) -> Parity:
+    """Measure ``out`` against the float64 ``ref`` with the bound set by ``base`` (same dtype as out)."""
+    if atol is None:
+        atol = ATOL[out.dtype]
+    error = _max_abs_diff(out, ref)
+    base_error = _max_abs_diff(base, ref)
+    factor = GRADIENT_FACTOR if gradient else FORWARD_FACTOR
+    return Parity(name, error, base_error, factor * base_error + atol)
+
+
+def assert_parity(name: str, out: Tensor, ref: Tensor, base: Tensor, *, gradient: bool = False, atol: Optional[float] = None) -> Parity:
+    """Raise AssertionError with every figure when the rule does not hold; return the Parity otherwise."""
+    if out.dtype != base.dtype:
+        raise AssertionError(f"{name}: out has dtype {out.dtype} but base has {base.dtype}; compare like with like")
+    result = parity(name, out, ref, base, gradient=gradient, atol=atol)
+    if not result.ok:
+        raise AssertionError(str(result))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# running one case three ways: kernel in dtype t, plain torch in dtype t, plain torch in float64
+# --------------------------------------------------------------------------------------------
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def run_case(fn, inputs: Sequence[Tensor], upstream: Optional[Sequence[Optional[Tensor]]] = None, dtype: Optional[torch.dtype] = None):
+    """Call ``fn`` on fresh leaf copies of ``inputs`` (cast to ``dtype`` when given), backprop ``upstream``.
+
+    Returns (detached outputs, gradients of the inputs; None where an input needs no gradient).
+    """
+    xs = []
+    for t in inputs:
+        if isinstance(t, Tensor):
+            leaf = t.detach().to(dtype) if dtype is not None else t.detach().clone()
+            xs.append(leaf.requires_grad_(t.requires_grad))
+        else:
+            xs.append(t)
+    outs = _as_tuple(fn(*xs))
+    grads: List[Optional[Tensor]] = [None] * len(xs)
+    if upstream is not None:
+        pairs = [(o, u.to(o.dtype)) for o, u in zip(outs, upstream) if u is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [u for _, u in pairs])
+            grads = [x.grad if isinstance(x, Tensor) else None for x in xs]
+    return tuple(o.detach() for o in outs), grads
+
+
+def check_against_torch(
+    name: str,
+    fn,
+    torch_fn,
+    inputs: Sequence[Tensor],
+    dtype: torch.dtype,
+    *,
+    gradients: bool = True,
+    seed: int = 0,
+    ref_fn=None,
+) -> List[Parity]:
+    """Assert the DESIGN.md parity rule for ``fn`` against ``torch_fn``, forward and gradients.
+
+    ``inputs`` (any floating dtype; ``requires_grad=True`` on those whose gradient is checked) are
+    rounded to ``dtype`` once. ``fn`` and the baseline ``torch_fn`` run on the rounded values; the
+    reference (``ref_fn`` or ``torch_fn``) runs on the *same rounded values* upcast to float64, as
+    FlashAttention's tests do, so the bound measures each computation's own error rather than the
+    rounding of its inputs, which all three share. A random upstream gradient per output, rounded
+    to that output's dtype, is shared the same way. Returns the Parity results (all passed).
+    """
+    ref_fn = ref_fn or torch_fn
+    rounded = [t.detach().to(dtype).requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t for t in inputs]
+    outs, _ = run_case(fn, rounded)
+    upstream = None
+    if gradients:
+        gen = torch.Generator().manual_seed(seed)
+        upstream = [
+            torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype) if o.is_floating_point() else None
+            for o in outs
+        ]
+    ref_outs, ref_grads = run_case(ref_fn, rounded, upstream, dtype=torch.float64)
+    base_outs, base_grads = run_case(torch_fn, rounded, upstream)
+    outs, grads = run_case(fn, rounded, upstream)
+    if len(outs) != len(ref_outs):
+        raise AssertionError(f"{name}: {len(outs)} outputs, the reference has {len(ref_outs)}")
+    results = []
+    for i, (o, b, r) in enumerate(zip(outs, base_outs, ref_outs)):
+        if o.dtype != b.dtype or o.shape != b.shape:
+            raise AssertionError(f"{name}: output {i} is {o.dtype} {tuple(o.shape)}, torch gives {b.dtype} {tuple(b.shape)}")
+        results.append(assert_parity(f"{name} output {i}", o, r, b))
+    if gradients:
+        for i, (g, b, r) in enumerate(zip(grads, base_grads, ref_grads)):
+            if r is None:
+                continue
+            if g is None:
+                raise AssertionError(f"{name}: input {i} got no gradient, the reference has one")
+            results.append(assert_parity(f"{name} grad of input {i}", g, r, b, gradient=True))
+    return results
+
+
+def attention_oracle(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+    """Plain-torch attention in the inputs' own dtype, written independently of fastgpt.reference.
+
+    einsum + softmax with an explicit bottom-right causal mask; GQA by repeat_interleave; rows that
+    see no key are zero (with zero gradients). Differentiable by autograd: run in float64 it is the
+    oracle, run in float16/bfloat16/float32 it is the "what plain torch gets wrong" baseline.
+    """
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if not causal:
+        return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, dim=-1), v)
+    sq, sk = q.shape[2], k.shape[2]
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    mask = j <= i + (sk - sq)
+    has_key = mask.any(-1)[:, None]
+    s = torch.where(mask, s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
+    s = torch.where(has_key, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    p = torch.softmax(s, dim=-1) * has_key
+    return torch.einsum("bhqk,bhkd->bhqd", p, v)
