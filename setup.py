@@ -6,7 +6,6 @@ package ``fastgpt.csrc``, so both travel with a wheel and resolve in an editable
 """
 
 import os
-import sys
 
 from setuptools import setup
 
@@ -26,6 +25,12 @@ def read_readme() -> str:
         return f.read()
 
 
+PACKAGES = ["fastgpt", "fastgpt.ops", "fastgpt.kernels"]
+PACKAGE_DIR = {"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"}
+if os.path.isdir(os.path.join(HERE, "csrc")):
+    PACKAGES.append("fastgpt.csrc")
+    PACKAGE_DIR["fastgpt.csrc"] = "csrc"
+
 setup(
     name="fastgpt",
     version=read_version(),
@@ -33,8 +38,8 @@ setup(
     long_description=read_readme(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastgpt", "fastgpt.ops", "fastgpt.kernels", "fastgpt.csrc"],
-    package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels", "fastgpt.csrc": "csrc"},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
     package_data={"fastgpt.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.4",

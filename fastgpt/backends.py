@@ -93,18 +93,13 @@ def _env_strict() -> bool:
 
 def requested_backend() -> str:
     """The backend requested right now: innermost use_backend block, else FASTGPT_BACKEND, else auto."""
-    with _lock:
-        if _stack:
-            return _stack[-1][0]
-    return _env_backend()
+    stack = _stack
+    return stack[-1][0] if stack else _env_backend()
 
 
 def strict_mode() -> bool:
     """True when fallbacks raise: FASTGPT_STRICT=1 or an enclosing use_backend(..., strict=True)."""
-    with _lock:
-        if any(strict for _, strict in _stack):
-            return True
-    return _env_strict()
+    return any(strict for _, strict in _stack) or _env_strict()
 
 
 @contextlib.contextmanager
@@ -208,18 +203,21 @@ def report_fallback(op: str, requested: str, reason: str, *, cpu_notice: bool = 
             "is on (FASTGPT_STRICT=1 or use_backend(..., strict=True)); "
             "use_backend('reference') runs the plain-torch implementation explicitly"
         )
-    if cpu_notice:
-        # one notice per process, not per op: on a CPU-only machine every op takes this path
-        key, message = ("cpu",), (
-            "fastgpt: cpu tensors run the plain-torch reference ops (no GPU kernel serves them); "
-            "fastgpt.explain() shows the backend of each op"
-        )
-    else:
-        key, message = (op, requested, reason), f"fastgpt.{op}: {requested} backend unavailable, using the reference ({reason})"
+    # one notice per process for cpu tensors, not one per op: on a CPU-only machine every op takes it
+    key = ("cpu",) if cpu_notice else (op, requested, reason)
+    if key in _warned:
+        return
     with _lock:
         if key in _warned:
             return
         _warned.add(key)
+    if cpu_notice:
+        message = (
+            "fastgpt: cpu tensors run the plain-torch reference ops (no GPU kernel serves them); "
+            "fastgpt.explain() shows the backend of each op"
+        )
+    else:
+        message = f"fastgpt.{op}: {requested} backend unavailable, using the reference ({reason})"
     warnings.warn(message, FallbackWarning, stacklevel=3)
 
 
@@ -228,31 +226,32 @@ def select(op: str, device: torch.device, constraint: Optional[Constraint] = Non
 
     ``constraint(backend)`` returns why that backend's kernel cannot take this particular call
     (dtype, head dim, ...) or None. Returns ``"cuda"``, ``"triton"`` or ``"reference"``; raises
-    :class:`BackendUnavailableError` in strict mode instead of falling back.
+    :class:`BackendUnavailableError` in strict mode instead of falling back. This runs on every
+    call of every op, so the common cases (reference requested, cpu tensors under auto) come first.
     """
     if op not in OP_BACKENDS:
         raise KeyError(f"unknown op {op!r}")
-    requested = requested_backend()
+    requested = _stack[-1][0] if _stack else _env_backend()
     if requested == "reference":
-        choice = Choice(op, "reference", "requested")
-    elif requested != "auto":
-        if requested in OP_BACKENDS[op]:
-            reason = _decline_reason(requested, device, constraint)
-        else:
-            reason = f"{op} has no {requested} backend (it has: {', '.join(OP_BACKENDS[op]) or 'none'})"
-        if reason is None:
-            choice = Choice(op, requested, "requested")
-        else:
-            report_fallback(op, requested, reason)
-            backend, auto_reason = _auto(op, device, constraint)
-            choice = Choice(op, backend, f"requested {requested} unavailable ({reason}); {auto_reason}")
-    else:
+        _last_choice[op] = Choice(op, "reference", "requested")
+        return "reference"
+    if requested == "auto":
         backend, reason = _auto(op, device, constraint)
         if backend == "reference":
             report_fallback(op, "GPU", reason, cpu_notice=device.type == "cpu")
-        choice = Choice(op, backend, reason)
-    _last_choice[op] = choice
-    return choice.backend
+        _last_choice[op] = Choice(op, backend, reason)
+        return backend
+    if requested in OP_BACKENDS[op]:
+        reason = _decline_reason(requested, device, constraint)
+    else:
+        reason = f"{op} has no {requested} backend (it has: {', '.join(OP_BACKENDS[op]) or 'none'})"
+    if reason is None:
+        _last_choice[op] = Choice(op, requested, "requested")
+        return requested
+    report_fallback(op, requested, reason)
+    backend, auto_reason = _auto(op, device, constraint)
+    _last_choice[op] = Choice(op, backend, f"requested {requested} unavailable ({reason}); {auto_reason}")
+    return backend
 
 
 def last_choice(op: str) -> Optional[Choice]:

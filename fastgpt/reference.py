@@ -90,11 +90,32 @@ def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float) -> Tuple[Tensor
     return s, mask
 
 
+# torch's own fused CPU attention returns the log-sum-exp we need; it aligns causal masks to the top
+# left, which is the same mask as ours when Sq == Sk, and no mask at all when Sq == 1 <= Sk.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _cpu_flash_causal(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> Optional[bool]:
+    """The is_causal flag for torch's fused CPU attention, or None when it cannot compute this call."""
+    sq, sk = q.shape[2], k.shape[2]
+    if _CPU_FLASH is None or q.device.type != "cpu" or q.numel() == 0 or k.numel() == 0:
+        return None
+    if q.shape[-1] != v.shape[-1] or (is_causal and sq != sk and sq != 1):
+        return None
+    return is_causal and sq == sk
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
     """Softmax attention. q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides.
 
     Returns ``out`` (B, Hq, Sq, Dv) in q's dtype and ``lse`` (B, Hq, Sq) in :func:`stats_dtype`.
     """
+    flash_causal = _cpu_flash_causal(q, k, v, is_causal)
+    if flash_causal is not None:
+        hq = q.shape[1]
+        out, lse = _CPU_FLASH(q, _expand_kv(k, hq), _expand_kv(v, hq), 0.0, flash_causal, scale=scale)
+        return out, lse.to(stats_dtype(q.dtype))
     cd = compute_dtype(q.dtype)
     s, mask = _scores(q, k, is_causal, scale)
     if mask is not None:
@@ -130,8 +151,14 @@ def attention_backward(
     ``dlse`` (B, Hq, Sq), the gradient flowing into the returned log-sum-exp, may be None.
     Returns dq, dk, dv in the dtypes of q, k, v.
     """
-    cd = compute_dtype(q.dtype)
     hq, hk = q.shape[1], k.shape[1]
+    flash_causal = _cpu_flash_causal(q, k, v, is_causal)
+    if flash_causal is not None and dlse is None and _CPU_FLASH_BWD is not None:
+        dq, dk, dv = _CPU_FLASH_BWD(
+            dout.contiguous(), q, _expand_kv(k, hq), _expand_kv(v, hq), out, lse, 0.0, flash_causal, scale=scale
+        )
+        return dq, _sum_groups(dk, hk).to(k.dtype), _sum_groups(dv, hk).to(v.dtype)
+    cd = compute_dtype(q.dtype)
     s, mask = _scores(q, k, is_causal, scale)
     lse_c = lse.to(cd)
     finite = torch.isfinite(lse_c)
@@ -157,10 +184,18 @@ def attention_backward(
 # --------------------------------------------------------------------------------------------
 
 
+def _native_layer_norm_ok(x: Tensor, weight: Optional[Tensor]) -> bool:
+    """torch's fused layer norm keeps its statistics in x's dtype: use it only where that is float32/64."""
+    return x.dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == x.dtype) and x.numel() > 0
+
+
 def layer_norm_forward(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Layer norm over the last dim of x (M, N). Returns y (x's dtype), mean and rstd (M,)."""
+    if _native_layer_norm_ok(x, weight):
+        y, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
+        return y, mean.view(-1), rstd.view(-1)
     cd = compute_dtype(x.dtype)
     xc = x.to(cd)
     mean = xc.mean(dim=-1)
@@ -185,6 +220,16 @@ def layer_norm_backward(
     need_bias_grad: bool,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients of :func:`layer_norm_forward`: dx (x's dtype), dweight and dbias (weight's dtype) or None."""
+    if _native_layer_norm_ok(x, weight):
+        n = x.shape[-1]
+        # the bias only tells native_layer_norm_backward that a bias gradient is wanted
+        bias = torch.empty(n, dtype=x.dtype, device=x.device) if need_bias_grad else None
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dy, x, [n], mean.view(-1, 1), rstd.view(-1, 1), weight, bias, [True, need_weight_grad, need_bias_grad]
+        )
+        if need_bias_grad and weight is None:
+            db = dy.sum(dim=0)
+        return dx, (dw if need_weight_grad else None), (db if need_bias_grad else None)
     cd = compute_dtype(x.dtype)
     dyc = dy.to(cd)
     xhat = (x.to(cd) - mean.to(cd)[:, None]) * rstd.to(cd)[:, None]
@@ -204,7 +249,7 @@ def add_layer_norm_forward(
     Returns y, s, mean, rstd. The norm is taken of the rounded sum so that y is exactly the layer
     norm of the residual stream the caller keeps.
     """
-    s = (x.to(compute_dtype(x.dtype)) + residual.to(compute_dtype(x.dtype))).to(x.dtype)
+    s = x + residual  # torch rounds the float32 sum of half inputs once: the stored residual stream
     y, mean, rstd = layer_norm_forward(s, weight, bias, eps)
     return y, s, mean, rstd
 
@@ -250,24 +295,41 @@ def _gelu_grad(xc: Tensor, approximate: str) -> Tensor:
 
 
 def gelu_forward(x: Tensor, approximate: str) -> Tensor:
-    """GELU of x (any shape), ``approximate`` "none" (erf) or "tanh"; computed in float32 or float64."""
-    return _gelu(x.to(compute_dtype(x.dtype)), approximate).to(x.dtype)
+    """GELU of x (any shape), ``approximate`` "none" (erf) or "tanh"; computed in float32 or float64.
+
+    torch's fused GELU computes in float32 for half inputs and rounds once, which is this formula.
+    """
+    return torch.ops.aten.gelu(x, approximate=approximate)
 
 
 def gelu_backward(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
-    """dx = dy * gelu'(x), in x's dtype."""
-    cd = compute_dtype(x.dtype)
-    return (dy.to(cd) * _gelu_grad(x.to(cd), approximate)).to(x.dtype)
+    """dx = dy * gelu'(x), in x's dtype (torch's fused backward: float32 math, one rounding)."""
+    return torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
+
+
+def gelu_formula(x: Tensor, approximate: str) -> Tensor:
+    """The GELU formula itself, in x's dtype (the specification the fused paths implement)."""
+    return _gelu(x, approximate)
+
+
+def gelu_grad_formula(x: Tensor, approximate: str) -> Tensor:
+    """d gelu / dx, in x's dtype."""
+    return _gelu_grad(x, approximate)
 
 
 def bias_gelu_forward(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
     """gelu(x + bias) with bias (N,) broadcast over the last dim; the sum is not rounded in between."""
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.ops.aten.gelu(x + bias, approximate=approximate)
     cd = compute_dtype(x.dtype)
     return _gelu(x.to(cd) + bias.to(cd), approximate).to(x.dtype)
 
 
 def bias_gelu_backward(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
     """dx = dy * gelu'(x + bias) (x's dtype) and dbias = dx summed over all leading dims (bias's dtype)."""
+    if x.dtype in (torch.float32, torch.float64):
+        dx = torch.ops.aten.gelu_backward(dy, x + bias, approximate=approximate)
+        return dx, dx.reshape(-1, x.shape[-1]).sum(dim=0).to(bias.dtype)
     cd = compute_dtype(x.dtype)
     dxc = dy.to(cd) * _gelu_grad(x.to(cd) + bias.to(cd), approximate)
     dbias = dxc.reshape(-1, x.shape[-1]).sum(dim=0)

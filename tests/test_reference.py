@@ -313,3 +313,25 @@ def test_matrix_covers_design_lengths_and_head_dims():
     dims = {c[5] for c in ATTN_CASES}
     assert {1, 17, 64, 113} <= lengths and {16, 40, 64, 80, 96, 128, 256} <= dims
     assert any(c[1] != c[2] for c in ATTN_CASES) and any(c[3] != c[4] for c in ATTN_CASES)
+
+
+def test_gelu_formula_is_the_derivative_torch_computes():
+    """The written-out GELU formulas (used for half-precision bias_gelu) match torch in float64."""
+    x = _randn(257, seed=30, scale=4.0)
+    for approximate in ("none", "tanh"):
+        y = reference.gelu_formula(x, approximate)
+        torch.testing.assert_close(y, F.gelu(x, approximate=approximate), rtol=1e-13, atol=1e-13)
+        (g,) = torch.autograd.grad(F.gelu(x, approximate=approximate).sum(), x)
+        torch.testing.assert_close(reference.gelu_grad_formula(x.detach(), approximate), g, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("hk", [4, 1])
+def test_attention_backward_formula_equals_torch_fused_cpu_path(hk):
+    """The FlashAttention-2 backward formula and torch's fused CPU backward agree (both reference paths)."""
+    q, k, v = _randn(2, 4, 9, 16, seed=31), _randn(2, hk, 9, 16, seed=32), _randn(2, hk, 9, 16, seed=33)
+    dout = _randn(2, 4, 9, 16, seed=34, requires_grad=False)
+    out, lse = reference.attention_forward(q, k, v, True, 0.25)
+    fused = reference.attention_backward(dout, q, k, v, out, lse, None, True, 0.25)
+    formula = reference.attention_backward(dout, q, k, v, out, lse, torch.zeros_like(lse), True, 0.25)
+    for a, b in zip(fused, formula):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

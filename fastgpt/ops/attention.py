@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fastgpt import backends, reference
 from fastgpt.ops._checks import check_same_device, check_same_dtype, check_tensor, is_compiling
+from fastgpt.ops._define import FastgptOp
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "MAX_HEAD_DIM"]
 
@@ -94,7 +95,6 @@ def _backend_for(q: Tensor, k: Tensor, v: Tensor) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastgpt::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, seq_major: bool) -> Tuple[Tensor, Tensor]:
     out, lse = _alloc_forward(q, v, seq_major)
     if _backend_for(q, k, v) == "triton":
@@ -108,12 +108,10 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: floa
     return out, lse
 
 
-@_attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, is_causal, scale, seq_major):
     return _alloc_forward(q, v, seq_major)
 
 
-@torch.library.custom_op("fastgpt::attention_bwd", mutates_args=())
 def _attention_bwd(
     dout: Tensor,
     q: Tensor,
@@ -137,7 +135,6 @@ def _attention_bwd(
     return dq, dk, dv
 
 
-@_attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, seq_major):
     return _alloc_grads(q, k, v, seq_major)
 
@@ -149,15 +146,19 @@ def _setup_context(ctx, inputs, output):
     ctx.is_causal, ctx.scale, ctx.seq_major = is_causal, scale, seq_major
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, attention_bwd, dout, dlse):
+    if dout is None and dlse is None:
+        return None, None, None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.fastgpt.attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major)
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major)
     return dq, dk, dv, None, None, None
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention = FastgptOp(
+    "attention", _attention_fwd, _attention_bwd, _attention_fwd_fake, _attention_bwd_fake, _setup_context, _backward
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def attention(
     """
     fn = "fastgpt.attention"
     _check_qkv(fn, q, k, v, allow_gqa=True)
-    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, bool(causal), _default_scale(scale, q.shape[-1]), False)
+    out, lse = _attention(q, k, v, bool(causal), _default_scale(scale, q.shape[-1]), False)
     return (out, lse) if return_lse else out
 
 
@@ -286,7 +287,7 @@ def scaled_dot_product_attention(
             attn_mask = attn_mask.unsqueeze(1)
         out = _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason)
     else:
-        out, _ = torch.ops.fastgpt.attention_fwd(q, k, v, bool(is_causal), scale, False)
+        out, _ = _attention(q, k, v, bool(is_causal), scale, False)
     return out.squeeze(1) if squeeze else out
 
 
@@ -319,6 +320,6 @@ def flash_attn_func(
             raise ValueError(f"{fn}: return_lse is not available with dropout_p > 0")
         out = _torch_sdpa_fallback(qt, kt, vt, None, dropout_p, causal, scale, "dropout_p > 0 is not supported by the kernels")
         return out.transpose(1, 2).contiguous()
-    out, lse = torch.ops.fastgpt.attention_fwd(qt, kt, vt, bool(causal), scale, True)
+    out, lse = _attention(qt, kt, vt, bool(causal), scale, True)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

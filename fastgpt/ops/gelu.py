@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastgpt import backends, reference
 from fastgpt.ops._checks import check_approximate, check_param_dtype, check_same_device, check_tensor
+from fastgpt.ops._define import FastgptOp
 
 __all__ = ["gelu", "bias_gelu"]
 
@@ -40,26 +41,22 @@ def _choose(op: str, x: Tensor) -> str:
     return backends.select(op, x.device, why_not)
 
 
-@torch.library.custom_op("fastgpt::gelu_fwd", mutates_args=())
 def _gelu_fwd(x: Tensor, approximate: str) -> Tensor:
     if _choose("gelu", x) == "cuda":
         return _cuda_ops().gelu_fwd(x, approximate)
     return reference.gelu_forward(x, approximate)
 
 
-@_gelu_fwd.register_fake
-def _gelu_fwd_fake(x, approximate):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("fastgpt::gelu_bwd", mutates_args=())
 def _gelu_bwd(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
     if _choose("gelu", x) == "cuda":
         return _cuda_ops().gelu_bwd(dy, x, approximate)
     return reference.gelu_backward(dy, x, approximate)
 
 
-@_gelu_bwd.register_fake
+def _gelu_fwd_fake(x, approximate):
+    return torch.empty_like(x)
+
+
 def _gelu_bwd_fake(dy, x, approximate):
     return torch.empty_like(x)
 
@@ -70,34 +67,32 @@ def _gelu_setup_context(ctx, inputs, output):
     ctx.approximate = approximate
 
 
-def _gelu_backward(ctx, dy):
+def _gelu_backward(ctx, gelu_bwd, dy):
+    if dy is None:
+        return None, None
     (x,) = ctx.saved_tensors
-    return torch.ops.fastgpt.gelu_bwd(dy.contiguous(), x, ctx.approximate), None
+    return gelu_bwd(dy.contiguous(), x, ctx.approximate), None
 
 
-_gelu_fwd.register_autograd(_gelu_backward, setup_context=_gelu_setup_context)
+_gelu = FastgptOp("gelu", _gelu_fwd, _gelu_bwd, _gelu_fwd_fake, _gelu_bwd_fake, _gelu_setup_context, _gelu_backward)
 
 
-@torch.library.custom_op("fastgpt::bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
     if _choose("bias_gelu", x) == "cuda":
         return _cuda_ops().bias_gelu_fwd(x, bias, approximate)
     return reference.bias_gelu_forward(x, bias, approximate)
 
 
-@_bias_gelu_fwd.register_fake
-def _bias_gelu_fwd_fake(x, bias, approximate):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("fastgpt::bias_gelu_bwd", mutates_args=())
 def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
     if _choose("bias_gelu", x) == "cuda":
         return _cuda_ops().bias_gelu_bwd(dy, x, bias, approximate)
     return reference.bias_gelu_backward(dy, x, bias, approximate)
 
 
-@_bias_gelu_bwd.register_fake
+def _bias_gelu_fwd_fake(x, bias, approximate):
+    return torch.empty_like(x)
+
+
 def _bias_gelu_bwd_fake(dy, x, bias, approximate):
     return torch.empty_like(x), torch.empty_like(bias)
 
@@ -108,13 +103,23 @@ def _bias_gelu_setup_context(ctx, inputs, output):
     ctx.approximate = approximate
 
 
-def _bias_gelu_backward(ctx, dy):
+def _bias_gelu_backward(ctx, bias_gelu_bwd, dy):
+    if dy is None:
+        return None, None, None
     x, bias = ctx.saved_tensors
-    dx, dbias = torch.ops.fastgpt.bias_gelu_bwd(dy.contiguous(), x, bias, ctx.approximate)
+    dx, dbias = bias_gelu_bwd(dy.contiguous(), x, bias, ctx.approximate)
     return dx, dbias, None
 
 
-_bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup_context)
+_bias_gelu = FastgptOp(
+    "bias_gelu",
+    _bias_gelu_fwd,
+    _bias_gelu_bwd,
+    _bias_gelu_fwd_fake,
+    _bias_gelu_bwd_fake,
+    _bias_gelu_setup_context,
+    _bias_gelu_backward,
+)
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -127,7 +132,7 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     fn = "fastgpt.gelu"
     check_tensor(fn, "x", x)
     check_approximate(fn, approximate)
-    return torch.ops.fastgpt.gelu_fwd(x.contiguous(), approximate)
+    return _gelu(x.contiguous(), approximate)
 
 
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
@@ -145,4 +150,4 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
         raise ValueError(f"{fn}: bias must have shape ({x.shape[-1]},) (x's last dim); got {tuple(bias.shape)}")
     check_param_dtype(fn, "bias", bias, x)
     check_same_device(fn, x=x, bias=bias)
-    return torch.ops.fastgpt.bias_gelu_fwd(x.contiguous(), bias.contiguous(), approximate)
+    return _bias_gelu(x.contiguous(), bias.contiguous(), approximate)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fastgpt import backends, reference
 from fastgpt.ops._checks import check_param_dtype, check_same_device, check_same_dtype, check_tensor
+from fastgpt.ops._define import FastgptOp
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
@@ -67,19 +68,16 @@ def _param_grad_like(x: Tensor, weight: Optional[Tensor], needed: bool) -> Tenso
 # ---- layer norm ------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastgpt::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     if _choose("layer_norm", x) == "cuda":
         return _cuda_ops().layer_norm_fwd(x, weight, bias, eps)
     return reference.layer_norm_forward(x, weight, bias, eps)
 
 
-@_layer_norm_fwd.register_fake
 def _layer_norm_fwd_fake(x, weight, bias, eps):
     return (torch.empty_like(x), *_stats(x))
 
 
-@torch.library.custom_op("fastgpt::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, need_weight_grad: bool, need_bias_grad: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -89,7 +87,6 @@ def _layer_norm_bwd(
     return dx, _grad_or_empty(dw, x), _grad_or_empty(db, x)
 
 
-@_layer_norm_bwd.register_fake
 def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
     return torch.empty_like(x), _param_grad_like(x, weight, need_weight_grad), _param_grad_like(x, weight, need_bias_grad)
 
@@ -101,21 +98,31 @@ def _ln_setup_context(ctx, inputs, output):
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
-def _ln_backward(ctx, dy, _dmean, _drstd):
+def _ln_backward(ctx, layer_norm_bwd, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     need_w = ctx.has_weight and ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.fastgpt.layer_norm_bwd(dy, x, weight, mean, rstd, need_w, need_b)
+    dx, dw, db = layer_norm_bwd(dy.contiguous(), x, weight, mean, rstd, need_w, need_b)
     return dx, (dw if need_w else None), (db if need_b else None), None
 
 
-_layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+_layer_norm = FastgptOp(
+    "layer_norm",
+    _layer_norm_fwd,
+    _layer_norm_bwd,
+    _layer_norm_fwd_fake,
+    _layer_norm_bwd_fake,
+    _ln_setup_context,
+    _ln_backward,
+    non_differentiable=(1, 2),
+)
 
 
 # ---- add + layer norm ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastgpt::add_layer_norm_fwd", mutates_args=())
 def _add_layer_norm_fwd(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -124,12 +131,10 @@ def _add_layer_norm_fwd(
     return reference.add_layer_norm_forward(x, residual, weight, bias, eps)
 
 
-@_add_layer_norm_fwd.register_fake
 def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps):
     return (torch.empty_like(x), torch.empty_like(x), *_stats(x))
 
 
-@torch.library.custom_op("fastgpt::add_layer_norm_bwd", mutates_args=())
 def _add_layer_norm_bwd(
     dy: Tensor,
     dsum: Optional[Tensor],
@@ -146,7 +151,6 @@ def _add_layer_norm_bwd(
     return dx, _grad_or_empty(dw, s), _grad_or_empty(db, s)
 
 
-@_add_layer_norm_bwd.register_fake
 def _add_layer_norm_bwd_fake(dy, dsum, s, weight, mean, rstd, need_weight_grad, need_bias_grad):
     return torch.empty_like(s), _param_grad_like(s, weight, need_weight_grad), _param_grad_like(s, weight, need_bias_grad)
 
@@ -158,17 +162,28 @@ def _aln_setup_context(ctx, inputs, output):
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
-def _aln_backward(ctx, dy, dsum, _dmean, _drstd):
+def _aln_backward(ctx, add_layer_norm_bwd, dy, dsum, _dmean, _drstd):
+    if dy is None and dsum is None:
+        return None, None, None, None, None
     s, weight, mean, rstd = ctx.saved_tensors
-    if dy is None:
-        dy = torch.zeros_like(s)
+    dy = torch.zeros_like(s) if dy is None else dy.contiguous()
+    dsum = None if dsum is None else dsum.contiguous()
     need_w = ctx.has_weight and ctx.needs_input_grad[2]
     need_b = ctx.has_bias and ctx.needs_input_grad[3]
-    dx, dw, db = torch.ops.fastgpt.add_layer_norm_bwd(dy, dsum, s, weight, mean, rstd, need_w, need_b)
+    dx, dw, db = add_layer_norm_bwd(dy, dsum, s, weight, mean, rstd, need_w, need_b)
     return dx, dx, (dw if need_w else None), (db if need_b else None), None
 
 
-_add_layer_norm_fwd.register_autograd(_aln_backward, setup_context=_aln_setup_context)
+_add_layer_norm = FastgptOp(
+    "add_layer_norm",
+    _add_layer_norm_fwd,
+    _add_layer_norm_bwd,
+    _add_layer_norm_fwd_fake,
+    _add_layer_norm_bwd_fake,
+    _aln_setup_context,
+    _aln_backward,
+    non_differentiable=(2, 3),
+)
 
 
 # ---- public functions ------------------------------------------------------------------------
@@ -220,7 +235,7 @@ def layer_norm(
     n = math.prod(n_shape)
     w = weight.reshape(n) if weight is not None else None
     b = bias.reshape(n) if bias is not None else None
-    y, _, _ = torch.ops.fastgpt.layer_norm_fwd(_as_rows(x, n), w, b, float(eps))
+    y, _, _ = _layer_norm(_as_rows(x, n), w, b, float(eps))
     return y.view(x.shape)
 
 
@@ -246,5 +261,5 @@ def add_layer_norm(
         raise ValueError(f"{fn}: residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
     n = x.shape[-1]
     _check_params(fn, x, (n,), weight, bias)
-    y, s, _, _ = torch.ops.fastgpt.add_layer_norm_fwd(_as_rows(x, n), _as_rows(residual, n), weight, bias, float(eps))
+    y, s, _, _ = _add_layer_norm(_as_rows(x, n), _as_rows(residual, n), weight, bias, float(eps))
     return y.view(x.shape), s.view(x.shape)
