@@ -3,6 +3,11 @@
 ``pip install -e .`` installs the Python package and compiles nothing. The top-level ``kernels/``
 folder (Triton kernels) is installed as ``fastgpt.kernels`` and ``csrc/`` (CUDA sources) as the data
 package ``fastgpt.csrc``, so both travel with a wheel and resolve in an editable install.
+
+``FASTGPT_BUILD_CUDA=1 pip install --no-build-isolation -e .`` also compiles the CUDA extension ahead
+of time (torch must already be installed: hence no build isolation), with the sources and flags of
+the just-in-time build in ``fastgpt/cuda_ext.py``, into ``fastgpt/_cuda_<key>*.so``, which
+``fastgpt.cuda_ext.load()`` then uses (the key covers the sources, torch and its CUDA version).
 """
 
 import os
@@ -31,6 +36,31 @@ if os.path.isdir(os.path.join(HERE, "csrc")):
     PACKAGES.append("fastgpt.csrc")
     PACKAGE_DIR["fastgpt.csrc"] = "csrc"
 
+
+def cuda_extension() -> dict:
+    """FASTGPT_BUILD_CUDA=1: the ahead-of-time build of csrc/ (ext_modules and cmdclass for setup())."""
+    if os.environ.get("FASTGPT_BUILD_CUDA", "0").strip() != "1":
+        return {}
+    import importlib.util
+
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    # fastgpt/cuda_ext.py defines the sources, flags, architectures and the library's name; load it
+    # on its own (it imports only torch), without importing the fastgpt package
+    spec = importlib.util.spec_from_file_location("_fastgpt_cuda_ext_build", os.path.join(HERE, "fastgpt", "cuda_ext.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build.arch_list()  # torch needs it set when no GPU is visible
+    print(f"fastgpt: building the CUDA extension {build.aot_module_name()} for TORCH_CUDA_ARCH_LIST={build.arch_list()}")
+    ext = CUDAExtension(
+        name=build.aot_module_name(),
+        sources=[f"csrc/{name}" for name in build.SOURCES],
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": list(build.CXX_FLAGS), "nvcc": list(build.NVCC_FLAGS)},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
 setup(
     name="fastgpt",
     version=read_version(),
@@ -52,6 +82,7 @@ setup(
         "plot": ["matplotlib"],
         "build": ["ninja", "pybind11"],
     },
-    entry_points={"console_scripts": ["fastgpt=fastgpt.cli:main"]},
+    entry_points={"console_scripts": ["fastgpt=fastgpt.cli:main", "fastgpt-train=fastgpt.train:cli_main"]},
     zip_safe=False,
+    **cuda_extension(),
 )

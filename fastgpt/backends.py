@@ -77,18 +77,33 @@ class Choice:
 _lock = threading.Lock()
 _stack: List[Tuple[str, bool]] = []
 _warned: set = set()
-_last_choice: Dict[str, Choice] = {}
+_last_choice: Dict[str, Tuple[str, str]] = {}  # op -> (backend, reason) of its latest call
+
+
+# The environment is read on every call (a script may set it after importing fastgpt), but each
+# distinct raw value is parsed once: this runs for every op call.
+_parsed_env: Dict[Tuple[str, Optional[str]], object] = {}
 
 
 def _env_backend() -> str:
-    value = os.environ.get("FASTGPT_BACKEND", "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"FASTGPT_BACKEND must be one of {', '.join(BACKENDS)}; got {value!r}")
-    return value
+    raw = os.environ.get("FASTGPT_BACKEND")
+    if raw is None:
+        return "auto"
+    key = ("FASTGPT_BACKEND", raw)
+    value = _parsed_env.get(key)
+    if value is None:
+        value = raw.strip().lower() or "auto"
+        if value not in BACKENDS:
+            raise ValueError(f"FASTGPT_BACKEND must be one of {', '.join(BACKENDS)}; got {raw!r}")
+        _parsed_env[key] = value
+    return value  # type: ignore[return-value]
 
 
 def _env_strict() -> bool:
-    return os.environ.get("FASTGPT_STRICT", "0").strip().lower() in ("1", "true", "yes", "on")
+    raw = os.environ.get("FASTGPT_STRICT")
+    if raw is None:
+        return False
+    return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
 def requested_backend() -> str:
@@ -181,11 +196,18 @@ def _decline_reason(backend: str, device: torch.device, constraint: Optional[Con
     return reason
 
 
+_NOT_CUDA_REASON: Dict[Tuple[str, str], str] = {}
+
+
 def _auto(op: str, device: torch.device, constraint: Optional[Constraint]) -> Tuple[str, str]:
     if device.type != "cuda":
         # the Triton interpreter is orders of magnitude slower than torch on cpu: only a forced
         # use_backend("triton") runs it
-        return "reference", f"{device.type} tensors: the GPU kernels ({', '.join(OP_BACKENDS[op])}) need CUDA tensors"
+        key = (op, device.type)
+        reason = _NOT_CUDA_REASON.get(key)
+        if reason is None:
+            reason = _NOT_CUDA_REASON[key] = f"{device.type} tensors: the GPU kernels ({', '.join(OP_BACKENDS[op])}) need CUDA tensors"
+        return "reference", reason
     reasons = []
     for backend in OP_BACKENDS[op]:
         reason = _decline_reason(backend, device, constraint)
@@ -229,34 +251,33 @@ def select(op: str, device: torch.device, constraint: Optional[Constraint] = Non
     :class:`BackendUnavailableError` in strict mode instead of falling back. This runs on every
     call of every op, so the common cases (reference requested, cpu tensors under auto) come first.
     """
-    if op not in OP_BACKENDS:
-        raise KeyError(f"unknown op {op!r}")
     requested = _stack[-1][0] if _stack else _env_backend()
     if requested == "reference":
-        _last_choice[op] = Choice(op, "reference", "requested")
+        _last_choice[op] = ("reference", "requested")
         return "reference"
     if requested == "auto":
         backend, reason = _auto(op, device, constraint)
         if backend == "reference":
             report_fallback(op, "GPU", reason, cpu_notice=device.type == "cpu")
-        _last_choice[op] = Choice(op, backend, reason)
+        _last_choice[op] = (backend, reason)
         return backend
     if requested in OP_BACKENDS[op]:
         reason = _decline_reason(requested, device, constraint)
     else:
         reason = f"{op} has no {requested} backend (it has: {', '.join(OP_BACKENDS[op]) or 'none'})"
     if reason is None:
-        _last_choice[op] = Choice(op, requested, "requested")
+        _last_choice[op] = (requested, "requested")
         return requested
     report_fallback(op, requested, reason)
     backend, auto_reason = _auto(op, device, constraint)
-    _last_choice[op] = Choice(op, backend, f"requested {requested} unavailable ({reason}); {auto_reason}")
+    _last_choice[op] = (backend, f"requested {requested} unavailable ({reason}); {auto_reason}")
     return backend
 
 
 def last_choice(op: str) -> Optional[Choice]:
     """The backend the most recent call of ``op`` used, and why (None before the first call)."""
-    return _last_choice.get(op)
+    last = _last_choice.get(op)
+    return None if last is None else Choice(op, *last)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,17 @@ from fastgpt.testing import assert_parity, attention_oracle as einsum_attention,
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(autouse=True, params=["torch-shortcut", "custom-op-path"])
+def reference_path(request, monkeypatch):
+    """Every test runs twice: eager calls that torch computes exactly go straight to torch (the
+    shortcut), and the same calls through fastgpt's custom-op reference path (what torch.compile and
+    the GPU backends use)."""
+    from fastgpt.ops import _define
+
+    monkeypatch.setattr(_define, "TORCH_SHORTCUT", request.param == "torch-shortcut")
+    return request.param
+
+
 def _randn(*shape, seed, requires_grad=True, scale=1.0, shift=0.0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).requires_grad_(requires_grad)

@@ -7,15 +7,39 @@ only while torch.compile traces; in eager mode it calls the same forward through
 ``torch.autograd.Function`` when a gradient is needed (about 5 us), or directly when none is.
 Both paths run the same forward/backward functions and the same backward formula, so they cannot
 disagree; the compile tests exercise one, every other test the other.
+
+A third path skips both: when an eager call is served by the reference backend and the reference's
+numerics are exactly torch's own function (float32 layer norm, GELU, non-causal or square attention
+without the log-sum-exp, ...), the public function calls that torch function, with torch's autograd.
+That keeps fastgpt's overhead on CPU to validation and the backend choice (:func:`reference_serves`).
 """
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from fastgpt import backends
 from fastgpt.ops._checks import is_compiling
+
+# Tests switch the shortcut off to run the custom-op reference path in eager mode too.
+TORCH_SHORTCUT = True
+
+# dtypes whose reference computation is torch's own op (half types differ: fastgpt keeps float32
+# statistics and sums where torch's CPU kernels round to the half type)
+TORCH_EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+def reference_serves(op: str, x: Tensor, constraint: Optional[Callable[[str], Optional[str]]] = None) -> bool:
+    """True when an eager (not compiled) call of ``op`` on ``x`` will be served by the reference backend.
+
+    It runs the backend choice, so its notices (and strict-mode errors) happen here; an empty x needs
+    no kernel, so no choice and no notice.
+    """
+    if not TORCH_SHORTCUT or is_compiling():
+        return False
+    return x.numel() == 0 or backends.select(op, x.device, constraint) == "reference"
 
 
 class FastgptOp:

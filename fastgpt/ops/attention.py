@@ -17,10 +17,11 @@ Backend interface (``fastgpt.kernels.flash_attention`` implements it for ``trito
     forward(q, k, v, out, lse, is_causal, scale) -> None   # writes out and lse (B, Hq, Sq) float32
     backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale) -> None   # writes dq, dk, dv
 
-q, k, v, out, dout, dq, dk, dv are logical (B, H, S, D) tensors with arbitrary strides (the last dim
-is contiguous); ``dlse`` is None or (B, Hq, Sq).
+q, k, v, out, dout, dq, dk, dv are logical (B, H, S, D) tensors with arbitrary strides (any strides
+work, 0 included; a contiguous last dim is fastest); ``dlse`` is None or (B, Hq, Sq).
 """
 
+import functools
 import importlib.util
 import math
 from typing import Optional, Tuple
@@ -29,8 +30,8 @@ import torch
 from torch import Tensor
 
 from fastgpt import backends, reference
-from fastgpt.ops._checks import check_same_device, check_same_dtype, check_tensor, is_compiling
-from fastgpt.ops._define import FastgptOp
+from fastgpt.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, is_compiling
+from fastgpt.ops._define import FastgptOp, reference_serves
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "MAX_HEAD_DIM"]
 
@@ -71,11 +72,17 @@ def _alloc_grads(q: Tensor, k: Tensor, v: Tensor, seq_major: bool) -> Tuple[Tens
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_present() -> bool:
+    """Looked up once: find_spec costs tens of microseconds, and this runs on every CUDA call."""
+    return importlib.util.find_spec(_KERNEL_MODULE) is not None
+
+
 def _kernel_constraint(q: Tensor, k: Tensor, v: Tensor):
     def why_not(backend: str) -> Optional[str]:
         if backend != "triton":
             return None
-        if importlib.util.find_spec(_KERNEL_MODULE) is None:
+        if not _kernel_present():
             return "the triton flash-attention kernel is not part of this build"
         from fastgpt.kernels import flash_attention
 
@@ -166,8 +173,25 @@ _attention = FastgptOp(
 # --------------------------------------------------------------------------------------------
 
 
+def _qkv_ok(q: Tensor, k: Tensor, v: Tensor, allow_gqa: bool) -> bool:
+    """Every rule of _check_qkv at once, in plain comparisons (this runs on every call)."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.dtype not in FLOAT_DTYPES:
+        return False
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        return False
+    (b, hq, _, d), (bk, hk, sk, dk), (bv, hv, sv, dv) = q.shape, k.shape, v.shape
+    return (
+        bk == b and bv == b and dk == d and hv == hk and sv == sk and d <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM
+        and hk > 0 and hq % hk == 0 and (allow_gqa or hq == hk)
+    )
+
+
 def _check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, *, allow_gqa: bool, gqa_flag: str = "") -> None:
     """q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv) as logical views; raise before computing."""
+    if _qkv_ok(q, k, v, allow_gqa):
+        return
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(fn, name, t, ndim=(4,))
     check_same_dtype(fn, q=q, k=k, v=v)
@@ -188,6 +212,29 @@ def _check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, *, allow_gqa: bool, gqa
         raise ValueError(
             f"{fn}: q has {hq} heads but k/v have {hk}; pass {gqa_flag}=True for grouped-query attention"
         )
+
+
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=
+
+
+def _torch_sdpa_shortcut(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Optional[Tensor]:
+    """torch's own SDPA for an eager call the reference serves with torch's semantics, else None.
+
+    Causal masks agree with torch's when Sq == Sk, and mean nothing when Sq == 1 (the one query sees
+    every key); other causal shapes need fastgpt's bottom-right mask and go through the custom op.
+    """
+    sq, sk = q.shape[2], k.shape[2]
+    if is_causal and sq != sk and sq != 1:
+        return None
+    if k.numel() == 0 or not reference_serves("attention", q, _kernel_constraint(q, k, v)):
+        return None
+    causal = is_causal and sq == sk and sq > 1
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_HAS_GQA:
+            return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        k, v = reference._expand_kv(k, q.shape[1]), reference._expand_kv(v, q.shape[1])
+    return sdpa(q, k, v, is_causal=causal, scale=scale)
 
 
 def _default_scale(scale: Optional[float], d: int) -> float:
@@ -242,11 +289,16 @@ def attention(
 
     Returns:
         out (B, Hq, Sq, Dv) in q's dtype, or (out, lse) when ``return_lse``. Any strides are accepted
-        (the last dim should be contiguous for the kernel to read it without a copy).
+        and read in place (a contiguous last dim is fastest).
     """
     fn = "fastgpt.attention"
     _check_qkv(fn, q, k, v, allow_gqa=True)
-    out, lse = _attention(q, k, v, bool(causal), _default_scale(scale, q.shape[-1]), False)
+    scale = _default_scale(scale, q.shape[-1])
+    if not return_lse:
+        out = _torch_sdpa_shortcut(q, k, v, causal, scale)
+        if out is not None:
+            return out
+    out, lse = _attention(q, k, v, bool(causal), scale, False)
     return (out, lse) if return_lse else out
 
 
@@ -287,7 +339,9 @@ def scaled_dot_product_attention(
             attn_mask = attn_mask.unsqueeze(1)
         out = _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason)
     else:
-        out, _ = _attention(q, k, v, bool(is_causal), scale, False)
+        out = _torch_sdpa_shortcut(q, k, v, is_causal, scale)
+        if out is None:
+            out, _ = _attention(q, k, v, bool(is_causal), scale, False)
     return out.squeeze(1) if squeeze else out
 
 
@@ -320,6 +374,10 @@ def flash_attn_func(
             raise ValueError(f"{fn}: return_lse is not available with dropout_p > 0")
         out = _torch_sdpa_fallback(qt, kt, vt, None, dropout_p, causal, scale, "dropout_p > 0 is not supported by the kernels")
         return out.transpose(1, 2).contiguous()
+    if not return_lse:
+        out = _torch_sdpa_shortcut(qt, kt, vt, causal, scale)
+        if out is not None:
+            return out.transpose(1, 2).contiguous()
     out, lse = _attention(qt, kt, vt, bool(causal), scale, True)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -11,45 +11,32 @@ Custom ops (x contiguous; bias (N,) with N = x.shape[-1]):
 (``fastgpt.cuda_ext``) exposes ops of the same names and signatures.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fastgpt import backends, reference
+from fastgpt import reference
+from fastgpt.ops import _cuda_backend as cuda
 from fastgpt.ops._checks import check_approximate, check_param_dtype, check_same_device, check_tensor
-from fastgpt.ops._define import FastgptOp
+from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
 
 __all__ = ["gelu", "bias_gelu"]
 
 
-def _cuda_ops():
-    from fastgpt import cuda_ext
 
-    return cuda_ext.load()
-
-
-def _choose(op: str, x: Tensor) -> str:
-    if x.numel() == 0:
-        return "reference"
-
-    def why_not(backend: str) -> Optional[str]:
-        if backend == "cuda" and x.dtype == torch.float64:
-            return "the cuda kernels take float16, bfloat16 and float32 (got float64)"
-        return None
-
-    return backends.select(op, x.device, why_not)
 
 
 def _gelu_fwd(x: Tensor, approximate: str) -> Tensor:
-    if _choose("gelu", x) == "cuda":
-        return _cuda_ops().gelu_fwd(x, approximate)
+    if cuda.choose("gelu", x) == "cuda":
+        return cuda.ops().gelu_fwd(x, approximate)
     return reference.gelu_forward(x, approximate)
 
 
 def _gelu_bwd(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
-    if _choose("gelu", x) == "cuda":
-        return _cuda_ops().gelu_bwd(dy, x, approximate)
+    if cuda.choose("gelu", x) == "cuda":
+        return cuda.ops().gelu_bwd(dy, x, approximate)
     return reference.gelu_backward(dy, x, approximate)
 
 
@@ -78,14 +65,14 @@ _gelu = FastgptOp("gelu", _gelu_fwd, _gelu_bwd, _gelu_fwd_fake, _gelu_bwd_fake, 
 
 
 def _bias_gelu_fwd(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
-    if _choose("bias_gelu", x) == "cuda":
-        return _cuda_ops().bias_gelu_fwd(x, bias, approximate)
+    if cuda.choose("bias_gelu", x) == "cuda":
+        return cuda.ops().bias_gelu_fwd(x, bias, approximate)
     return reference.bias_gelu_forward(x, bias, approximate)
 
 
 def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
-    if _choose("bias_gelu", x) == "cuda":
-        return _cuda_ops().bias_gelu_bwd(dy, x, bias, approximate)
+    if cuda.choose("bias_gelu", x) == "cuda":
+        return cuda.ops().bias_gelu_bwd(dy, x, bias, approximate)
     return reference.bias_gelu_backward(dy, x, bias, approximate)
 
 
@@ -132,6 +119,8 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     fn = "fastgpt.gelu"
     check_tensor(fn, "x", x)
     check_approximate(fn, approximate)
+    if reference_serves("gelu", x, cuda.constraint(x)):
+        return F.gelu(x, approximate=approximate)
     return _gelu(x.contiguous(), approximate)
 
 
@@ -150,4 +139,6 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
         raise ValueError(f"{fn}: bias must have shape ({x.shape[-1]},) (x's last dim); got {tuple(bias.shape)}")
     check_param_dtype(fn, "bias", bias, x)
     check_same_device(fn, x=x, bias=bias)
+    if x.dtype in TORCH_EXACT_DTYPES and bias.dtype == x.dtype and reference_serves("bias_gelu", x, cuda.constraint(x)):
+        return F.gelu(x + bias, approximate=approximate)
     return _bias_gelu(x.contiguous(), bias.contiguous(), approximate)

@@ -1,0 +1,476 @@
+"""``fastgpt.patch(model)`` / ``fastgpt.unpatch(model)``: fastgpt's ops inside other people's models, in place.
+
+What is recognised (each family can be switched off with ``ops``):
+
+* ``layer_norm``: ``torch.nn.LayerNorm`` and subclasses that keep its forward; nanoGPT's
+  ``LayerNorm(ndim, bias)`` (a class named LayerNorm whose only state is ``weight`` and ``bias``-or-None
+  and whose forward calls nothing but ``F.layer_norm(input, weight.shape, weight, bias, 1e-5)``).
+* ``gelu``: ``torch.nn.GELU`` (either approximation) and subclasses that keep its forward;
+  transformers' ``NewGELUActivation``, ``FastGELUActivation``, ``GELUTanh``/``PytorchGELUTanh`` (tanh)
+  and ``GELUActivation`` (erf).
+* ``attention``: nanoGPT-style ``CausalSelfAttention`` (``c_attn``/``c_proj``/``n_head``/``n_embd``,
+  flash or masked-softmax path: the forward may reference nothing beyond what nanoGPT's does); Hugging
+  Face GPT-2 (``GPT2Attention``): "fastgpt" is registered with transformers' ``AttentionInterface``
+  (and its mask interface) and the model's ``config._attn_implementation`` is switched to it.
+
+How: a module is patched by switching its ``__class__`` to a subclass of its own class whose forward
+calls fastgpt's op. The module object, its parameters (same ``Parameter`` objects, same names), buffers
+and hooks stay as they were, so optimizers, checkpoints, DDP and ``isinstance`` checks are unaffected;
+:func:`unpatch` switches the class back. A patched module pickles and deep-copies as patched (the
+pickle names only the original class and the kind of patch). Heuristically recognised modules
+(nanoGPT's) are also checked on a small random input before they are switched: the fastgpt forward
+must reproduce the original one, else the module is left alone and the report says why.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import fastgpt
+from fastgpt import reference
+from fastgpt import nn as fnn
+from fastgpt.ops._checks import is_compiling
+
+__all__ = ["patch", "unpatch", "PatchReport", "OPS"]
+
+OPS = ("attention", "layer_norm", "gelu")
+ATTN_IMPLEMENTATION = "fastgpt"  # the name registered with transformers' AttentionInterface
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` (or :func:`unpatch`) did.
+
+    ``replaced``: module path ("" is the model itself) -> "original -> replacement".
+    ``left_alone``: module type -> why it was not patched (module types without a fastgpt op, of
+    the families not requested, or not recognised).
+    """
+
+    replaced: Dict[str, str] = field(default_factory=dict)
+    left_alone: Dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fastgpt: {len(self.replaced)} module(s) changed"]
+        lines += [f"  {path or '<model>'}: {what}" for path, what in self.replaced.items()]
+        if self.left_alone:
+            lines.append("left alone:")
+            lines += [f"  {name}: {why}" for name, why in sorted(self.left_alone.items())]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the replacement forwards (mixins placed in front of the original class)
+# --------------------------------------------------------------------------------------------
+
+
+class _NanoGPTLayerNorm(nn.Module):
+    """nanoGPT's LayerNorm: ``weight`` (N,), ``bias`` (N,) or None, eps 1e-5."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return fastgpt.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class _TanhGELU(fnn.GELU):
+    approximate = "tanh"  # a class attribute: these modules were built without one
+
+
+class _ErfGELU(fnn.GELU):
+    approximate = "none"
+
+
+# kind -> mixin. The kind names are part of the pickle format of patched modules: keep them stable.
+_KINDS: Dict[str, type] = {
+    "layer_norm": fnn.LayerNorm,
+    "nanogpt_layer_norm": _NanoGPTLayerNorm,
+    "gelu": fnn.GELU,
+    "gelu_tanh": _TanhGELU,
+    "gelu_erf": _ErfGELU,
+    "nanogpt_attention": fnn.CausalSelfAttention,
+}
+_FAMILY = {
+    "layer_norm": "layer_norm",
+    "nanogpt_layer_norm": "layer_norm",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu",
+    "gelu_erf": "gelu",
+    "nanogpt_attention": "attention",
+}
+_DESCRIPTION = {
+    "layer_norm": "fastgpt.layer_norm",
+    "nanogpt_layer_norm": "fastgpt.layer_norm",
+    "gelu": "fastgpt.gelu",
+    "gelu_tanh": "fastgpt.gelu(approximate='tanh')",
+    "gelu_erf": "fastgpt.gelu(approximate='none')",
+    "nanogpt_attention": "fastgpt.flash_attn_func(causal=True)",
+}
+_CLASSES: Dict[Tuple[type, str], type] = {}
+
+
+def _rebuild(original: type, kind: str, new: Callable, args: tuple):
+    """Unpickling / deep copy of a patched module: rebuild its patched class from the original one."""
+    return new(patched_class(original, kind), *args)
+
+
+def _reduce_ex(self, protocol):
+    cls = type(self)
+    rv = super(cls, self).__reduce_ex__(protocol)
+    if not isinstance(rv, tuple) or len(rv) < 2 or not rv[1] or rv[1][0] is not cls:
+        return rv
+    return (_rebuild, (cls._fastgpt_original_class, cls._fastgpt_kind, rv[0], rv[1][1:]), *rv[2:])
+
+
+def patched_class(original: type, kind: str) -> type:
+    """The class a module of class ``original`` is switched to for the patch ``kind`` (cached)."""
+    key = (original, kind)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        cls = type(
+            f"Fastgpt{original.__name__}",
+            (_KINDS[kind], original),
+            {
+                "_fastgpt_original_class": original,
+                "_fastgpt_kind": kind,
+                "__reduce_ex__": _reduce_ex,
+                "__module__": __name__,
+                "__doc__": f"{original.__module__}.{original.__qualname__} computed by fastgpt ({kind}).",
+            },
+        )
+        _CLASSES[key] = cls
+    return cls
+
+
+def _original_class(m: nn.Module) -> Optional[type]:
+    return type(m).__dict__.get("_fastgpt_original_class")
+
+
+def _type_name(cls: type) -> str:
+    if cls.__module__.startswith("torch.nn.modules.") and getattr(nn, cls.__qualname__, None) is cls:
+        return f"torch.nn.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------------------------
+# recognising modules
+# --------------------------------------------------------------------------------------------
+
+_FASTGPT_NATIVE = (fnn.LayerNorm, fnn.GELU, fnn.CausalSelfAttention)
+
+# every global and attribute name nanoGPT's forwards reference (plus layout-only synonyms); a forward
+# that references anything else (rotary embeddings, a KV cache, GQA heads, ...) is not nanoGPT's
+_NANOGPT_LN_NAMES = {"F", "torch", "nn", "functional", "layer_norm", "weight", "shape", "bias"}
+_NANOGPT_ATTN_NAMES = {
+    "size", "shape", "c_attn", "split", "chunk", "n_embd", "view", "reshape", "n_head", "transpose", "permute",
+    "flash", "torch", "nn", "functional", "F", "scaled_dot_product_attention", "dropout", "training", "math",
+    "sqrt", "masked_fill", "bias", "float", "softmax", "attn_dropout", "contiguous", "resid_dropout", "c_proj",
+}  # fmt: skip
+
+
+def _forward_names(cls: type) -> Optional[set]:
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    return set(code.co_names) if code is not None else None
+
+
+def _nanogpt_layer_norm_reason(m: nn.Module) -> Optional[str]:
+    """None if m is nanoGPT's LayerNorm, else why not (only asked of classes named LayerNorm)."""
+    names = _forward_names(type(m))
+    weight = m._parameters.get("weight")
+    bias = m._parameters.get("bias", m.__dict__.get("bias", "missing"))
+    if names is None or "layer_norm" not in names or not names <= _NANOGPT_LN_NAMES:
+        return "its forward is not nanoGPT's F.layer_norm(input, weight.shape, weight, bias, 1e-5)"
+    if 1e-5 not in type(m).forward.__code__.co_consts:
+        return "its forward does not use nanoGPT's eps 1e-5"
+    if weight is None or weight.dim() != 1 or not (bias is None or (isinstance(bias, Tensor) and bias.shape == weight.shape)):
+        return "it does not hold nanoGPT's weight (N,) and bias (N,) or None"
+    if list(m.children()) or list(m.buffers(recurse=False)) or set(m._parameters) - {"weight", "bias"}:
+        return "it holds more state than nanoGPT's LayerNorm"
+    return None
+
+
+def _nanogpt_attention_reason(m: nn.Module) -> Optional[str]:
+    """None if m is a nanoGPT-style CausalSelfAttention, else why not."""
+    names = _forward_names(type(m))
+    if names is None or not names <= _NANOGPT_ATTN_NAMES:
+        extra = sorted(names - _NANOGPT_ATTN_NAMES) if names is not None else []
+        return f"its forward references what nanoGPT's does not ({', '.join(extra)})"
+    c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+    n_head, n_embd = getattr(m, "n_head", None), getattr(m, "n_embd", None)
+    if not (isinstance(c_attn, nn.Linear) and isinstance(c_proj, nn.Linear) and isinstance(n_head, int) and isinstance(n_embd, int)):
+        return "it lacks nanoGPT's c_attn/c_proj Linears and integer n_head/n_embd"
+    if n_head < 1 or n_embd % n_head or (c_attn.in_features, c_attn.out_features) != (n_embd, 3 * n_embd):
+        return "its c_attn is not n_embd -> 3 * n_embd with n_head dividing n_embd"
+    if (c_proj.in_features, c_proj.out_features) != (n_embd, n_embd) or not isinstance(getattr(m, "dropout", None), (int, float)):
+        return "its c_proj or dropout differ from nanoGPT's"
+    if set(m._modules) - {"c_attn", "c_proj", "attn_dropout", "resid_dropout"} or set(m._buffers) - {"bias"}:
+        return "it holds more submodules or buffers than nanoGPT's"
+    return None
+
+
+def _probe(m: nn.Module, kind: str, shape: Tuple[int, ...]) -> Optional[str]:
+    """Run the original forward and fastgpt's on one random input; None if they agree, else why not."""
+    params = list(m.parameters())
+    if not params or params[0].device.type == "meta":
+        return None  # nothing to run on: the structural match has to do
+    dtype, device = params[0].dtype, params[0].device
+    gen = torch.Generator().manual_seed(0)  # never touches the global RNG
+    x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    was_training = m.training
+    m.train(False)
+    try:
+        with torch.no_grad():
+            want = type(m).forward(m, x)
+            got = _KINDS[kind].forward(m, x)
+    except Exception as e:  # noqa: BLE001 - any failure means "not what we thought"
+        return f"its forward could not be checked ({type(e).__name__}: {e})"
+    finally:
+        m.train(was_training)
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    if not isinstance(want, Tensor) or want.shape != got.shape:
+        return "its forward returns something else than fastgpt's"
+    err, scale = float((want.float() - got.float()).abs().max()), float(want.float().abs().max())
+    if not err <= tol * scale + 1e-6:
+        return f"on a test input its output differs from fastgpt's by {err:.2e} (scale {scale:.2e})"
+    return None
+
+
+def _hf_gelu_kinds() -> Dict[type, str]:
+    """transformers' GELU activation classes -> patch kind (transformers is already imported here)."""
+    from transformers import activations
+
+    table = {
+        "NewGELUActivation": "gelu_tanh",
+        "FastGELUActivation": "gelu_tanh",
+        "GELUTanh": "gelu_tanh",
+        "PytorchGELUTanh": "gelu_tanh",
+        "GELUActivation": "gelu_erf",
+    }
+    return {getattr(activations, name): kind for name, kind in table.items() if hasattr(activations, name)}
+
+
+def _classify(m: nn.Module, hf_gelus: Dict[type, str]) -> Tuple[Optional[str], Optional[str]]:
+    """(kind, None) when m can be patched; (None, reason) when it is a known family but cannot be."""
+    cls = type(m)
+    if isinstance(m, _FASTGPT_NATIVE) or _original_class(m) is not None:
+        return None, "already a fastgpt module"
+    if isinstance(m, nn.LayerNorm):
+        if cls.forward is not nn.LayerNorm.forward:
+            return None, "its forward differs from torch.nn.LayerNorm's"
+        return "layer_norm", None
+    if isinstance(m, nn.GELU):
+        if cls.forward is not nn.GELU.forward:
+            return None, "its forward differs from torch.nn.GELU's"
+        return "gelu", None
+    if cls in hf_gelus:
+        return hf_gelus[cls], None
+    if cls.__name__ == "LayerNorm":
+        reason = _nanogpt_layer_norm_reason(m)
+        if reason is None:
+            n = m._parameters["weight"].shape[0]
+            reason = _probe(m, "nanogpt_layer_norm", (2, 3, n))
+        return ("nanogpt_layer_norm", None) if reason is None else (None, reason)
+    if cls.__name__ == "CausalSelfAttention":
+        reason = _nanogpt_attention_reason(m)
+        if reason is None:
+            mask = m._buffers.get("bias")
+            t = min(5, mask.shape[-1]) if mask is not None else 5
+            reason = _probe(m, "nanogpt_attention", (2, t, m.n_embd))
+        return ("nanogpt_attention", None) if reason is None else (None, reason)
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face: the attention function registered as "fastgpt"
+# --------------------------------------------------------------------------------------------
+
+_HF_UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias")
+
+
+def causal_prefix_length(mask: Tensor, sq: int, sk: int) -> Optional[int]:
+    """L when a boolean (B|1, H|1, Sq, Sk) mask is the bottom-right causal pattern over the first L keys
+    and hides the rest (a static cache's unwritten slots), for every batch row and head; else None.
+
+    Then attention under the mask is fastgpt's causal attention over keys[:L]. Reads the mask (syncs).
+    """
+    if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (sq, sk) or sq == 0:
+        return None
+    length = int(mask[..., -1, :].sum(dim=-1).max())  # keys the last query sees
+    if length < sq:
+        return None
+    want = torch.zeros(sq, sk, dtype=torch.bool, device=mask.device)
+    want[:, :length] = reference.causal_mask(sq, length, mask.device)
+    return length if bool((mask == want).all()) else None
+
+
+def hf_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> Tuple[Tensor, None]:
+    """transformers' attention-function interface, computed by fastgpt (registered as "fastgpt").
+
+    query (B, Hq, Sq, D), key/value (B, Hk, Sk, D) -> ((B, Sq, Hq, D) contiguous, None), the contract
+    of transformers' ``sdpa_attention_forward``, whose masks it receives (transformers builds them with
+    the sdpa mask function for this name: None when the attention is purely causal, else a boolean
+    mask). None, or a boolean mask that is the bottom-right causal pattern over a prefix of the keys
+    (cached keys; a static cache's filled slots), runs fastgpt's causal kernel; any other mask
+    (padding) runs torch's SDPA through
+    :func:`fastgpt.scaled_dot_product_attention` (a one-time FallbackWarning; an error in strict mode).
+    """
+    unsupported = [name for name in _HF_UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
+    if unsupported or kwargs.get("output_attentions"):
+        raise ValueError(
+            f"fastgpt attention for transformers does not support {', '.join(unsupported) or 'output_attentions'}; "
+            "use attn_implementation='sdpa' or 'eager' for this model"
+        )
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    sq, sk = query.shape[2], key.shape[2]
+    if attention_mask is None and causal and 1 < sq < sk:
+        # transformers passes no mask with more keys than queries only for an empty static cache's
+        # prefill (it builds the mask otherwise): the keys past the queries are unwritten slots
+        key, value = key[:, :, :sq], value[:, :, :sq]
+    elif attention_mask is not None and not is_compiling():
+        length = causal_prefix_length(attention_mask, sq, sk)
+        if length is not None:  # a causal mask after all (cached keys, static cache slots)
+            attention_mask, causal = None, True
+            key, value = key[:, :, :length], value[:, :, :length]
+    if attention_mask is None:
+        out = fastgpt.flash_attn_func(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            dropout_p=dropout, softmax_scale=scaling, causal=causal and sq > 1,
+        )  # fmt: skip
+        return out, None
+    out = fastgpt.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _hf_attention_support() -> Tuple[Optional[type], Optional[str]]:
+    """(GPT2Attention, None) if this transformers can take the "fastgpt" attention, else (None, why)."""
+    import transformers
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:
+        return None, (
+            f"transformers {transformers.__version__} has no AttentionInterface/AttentionMaskInterface "
+            "(needs >= 4.53); its LayerNorms and GELUs are still patched"
+        )
+    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)
+    if ATTN_IMPLEMENTATION not in AttentionMaskInterface._global_mapping:
+        # the masks of the sdpa implementation: None when causal suffices, else boolean
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, AttentionMaskInterface._global_mapping["sdpa"])
+    return GPT2Attention, None
+
+
+# id(config) -> (weak reference to it, the attn_implementation it had before patch)
+_HF_ORIGINAL_IMPL: Dict[int, Tuple[weakref.ref, Optional[str]]] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# patch / unpatch
+# --------------------------------------------------------------------------------------------
+
+
+def _check_ops(ops: Iterable[str]) -> Tuple[str, ...]:
+    if isinstance(ops, str):
+        ops = (ops,)
+    ops = tuple(ops)
+    bad = [op for op in ops if op not in OPS]
+    if bad:
+        raise ValueError(f"fastgpt.patch: ops must be among {OPS}; got {bad}")
+    return ops
+
+
+def patch(model: nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
+    """Make ``model`` run fastgpt's ops, in place; returns a :class:`PatchReport`.
+
+    ``ops`` picks the families to patch: any of "attention", "layer_norm", "gelu" (all by default).
+    Parameters, their names and the module objects are unchanged (see the module docstring), so call
+    it before or after creating the optimizer, loading a checkpoint or wrapping in DDP (before
+    ``torch.compile``, which would otherwise recompile). Patching twice is harmless.
+    Numbers stay within fastgpt's parity rule of the original model's (fastgpt.testing).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastgpt.patch: model must be a torch.nn.Module; got {type(model).__name__}")
+    ops = _check_ops(ops)
+    report = PatchReport()
+    switched: Dict[int, Optional[str]] = {}  # id(config) -> its attn_implementation before this call
+    has_hf = any(type(m).__module__.startswith("transformers.") for m in model.modules())
+    hf_gelus = _hf_gelu_kinds() if has_hf else {}
+    hf_attention, hf_reason = (None, None)
+    if has_hf and "transformers.models.gpt2.modeling_gpt2" in sys.modules:
+        hf_attention, hf_reason = _hf_attention_support() if "attention" in ops else (None, "'attention' is not in ops")
+
+    for path, m in model.named_modules():
+        cls = type(m)
+        kind, reason = _classify(m, hf_gelus)
+        if kind is not None and _FAMILY[kind] not in ops:
+            kind, reason = None, f"'{_FAMILY[kind]}' is not in ops"
+        if kind is not None:
+            m.__class__ = patched_class(cls, kind)
+            report.replaced[path] = f"{_type_name(cls)} -> {_DESCRIPTION[kind]}"
+            continue
+        if cls.__name__ == "GPT2Attention" and cls.__module__.startswith("transformers."):
+            if hf_attention is not None and isinstance(m, hf_attention):
+                config = m.config  # shared by every layer: switched once, reported per layer
+                if id(config) not in switched and config._attn_implementation != ATTN_IMPLEMENTATION:
+                    switched[id(config)] = config._attn_implementation
+                    _HF_ORIGINAL_IMPL[id(config)] = (weakref.ref(config), config._attn_implementation)
+                    config._attn_implementation = ATTN_IMPLEMENTATION
+                if id(config) in switched:
+                    old = switched[id(config)]
+                    report.replaced[path] = f"{_type_name(cls)}: attn_implementation {old!r} -> {ATTN_IMPLEMENTATION!r} (fastgpt.flash_attn_func)"
+                    continue
+                reason = "already uses the fastgpt attention"
+            else:
+                reason = hf_reason or "transformers' GPT2Attention could not be switched"
+        if reason is None and (not m._modules or "attn" in cls.__name__.lower() or "attention" in cls.__name__.lower()):
+            if isinstance(m, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+                continue
+            if m._modules:
+                reason = "fastgpt recognises nanoGPT's CausalSelfAttention and transformers' GPT2Attention"
+            else:
+                reason = "no fastgpt op for this module type"
+        if reason is not None:
+            report.left_alone.setdefault(_type_name(cls), reason)
+    return report
+
+
+def unpatch(model: nn.Module) -> PatchReport:
+    """Undo :func:`patch` in place: original classes and attention implementations; returns what was restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastgpt.unpatch: model must be a torch.nn.Module; got {type(model).__name__}")
+    report = PatchReport()
+    hf_configs: Dict[int, object] = {}
+    for path, m in model.named_modules():
+        original = _original_class(m)
+        if original is not None:
+            m.__class__ = original
+            report.replaced[path] = f"fastgpt -> {_type_name(original)}"
+            continue
+        config = getattr(m, "config", None)
+        if type(m).__name__ == "GPT2Attention" and getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+            hf_configs[id(config)] = config
+            ref, old = _HF_ORIGINAL_IMPL.get(id(config), (None, None))
+            if ref is None or ref() is not config:
+                old = "sdpa"  # patched elsewhere (e.g. in the process that pickled it): transformers' default
+            report.replaced[path] = f"attn_implementation {ATTN_IMPLEMENTATION!r} -> {old!r}"
+    for key, config in hf_configs.items():
+        ref, old = _HF_ORIGINAL_IMPL.pop(key, (None, None))
+        config._attn_implementation = old if ref is not None and ref() is config else "sdpa"
+    return report

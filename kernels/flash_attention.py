@@ -1,0 +1,753 @@
+"""FlashAttention-2 in Triton: forward and backward, any lengths, GQA, causal (bottom-right), any strides.
+
+The ``triton`` backend of :mod:`fastgpt.ops.attention`, through three functions::
+
+    unsupported_reason(q, k, v) -> str | None
+    forward(q, k, v, out, lse, is_causal, scale) -> None
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale) -> None
+
+Tensors are logical (B, H, S, D) views with arbitrary strides (every stride is passed to the
+kernels; nothing is copied or transposed): q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv),
+out/dout (B, Hq, Sq, Dv), lse/dlse (B, Hq, Sq) float32 natural-log. Hq % Hk == 0 and query head h
+reads kv head h // (Hq // Hk). float16 / bfloat16 / float32 inputs, float32 accumulation; float32
+dots are exact ("ieee"), not TF32, so float32 results stay within the parity rule against torch.
+
+Semantics (those of :func:`fastgpt.reference.attention_forward`): query i sees key j iff
+j <= i + Sk - Sq when causal; rows that see no key give out = 0, lse = -inf, zero gradients.
+
+Kernels (FlashAttention-2, Dao 2023):
+
+* ``_attn_fwd_kernel``: one program per (Q tile, batch, head); online softmax over K/V tiles in the
+  exp2 domain (log2(e) folded into the scale); key tiles wholly above the causal diagonal are never
+  visited, tiles wholly visible run without masks, only the diagonal / ragged-end tiles mask.
+* ``_attn_bwd_preprocess_kernel``: delta = rowsum(dO * O) - dlse and the log2-domain lse.
+* ``_attn_bwd_dkdv_kernel``: one program per (K tile, batch, kv head); loops over the query heads of
+  its GQA group and their Q tiles, so the group's gradients are summed in registers (no atomics).
+* ``_attn_bwd_dq_kernel``: one program per (Q tile, batch, head); loops over K/V tiles.
+
+Everything is deterministic: each output element is written by one program with a fixed loop order,
+so two runs with the same config are bitwise equal. (On a GPU the config is tuned once per process
+and shape class; see :func:`kernels._triton_utils.pick_config`.)
+
+Head dims are padded to a power of two >= 16 inside the kernel (masks, no padded copies), which is
+also what lets D < 16 and D = 40, 80, 96 run. Each launch is described by a
+:class:`~kernels._triton_utils.LaunchPlan` from one of the ``*_plan`` functions, which the launchers
+here and the offline kernel report both use; the tile configs are plain data in :data:`CONFIGS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, length_bucket, next_pow2
+
+__all__ = [
+    "unsupported_reason",
+    "forward",
+    "backward",
+    "CONFIGS",
+    "CONFIGS_FP32",
+    "INTERPRETER_CONFIGS",
+    "head_dim_bucket",
+    "configs_for",
+    "forward_plan",
+    "backward_plans",
+    "example_plans",
+]
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# --------------------------------------------------------------------------------------------
+# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim bucket
+# --------------------------------------------------------------------------------------------
+# BLOCK_M counts query rows and BLOCK_N key rows in every kernel: the forward and dQ kernels keep a
+# BLOCK_M tile of queries and loop over BLOCK_N keys; the dK/dV kernel keeps BLOCK_N keys and loops
+# over BLOCK_M queries. The bucket is the padded head dim max(pow2(D), pow2(Dv), 16).
+#
+# Chosen from triton's compile for sm_80 and sm_90 (shared memory from the compiled kernel,
+# registers and spills from ptxas -v, see _triton_utils.kernel_resources): for 16-bit inputs every
+# config here is spill-free on both at D = bucket, S = 1024, and the first (the default, what runs
+# untuned) also at S = 300 with D = 40, 80, 96; each list holds one that fits the 99 KiB of
+# sm_86 / sm_89. The dK/dV kernel holds dK, dV (fp32) and K, V in registers for its whole loop,
+# so its key tile shrinks as the head dim grows.
+
+C = Config
+CONFIGS: Dict[str, Dict[int, Tuple[Config, ...]]] = {
+    "fwd": {
+        16: (C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3)),
+        32: (C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3)),
+        64: (C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 2)),
+        128: (C(128, 64, 8, 3), C(128, 64, 8, 2), C(64, 64, 4, 3)),
+        256: (C(64, 64, 8, 2), C(64, 32, 8, 2), C(32, 64, 4, 2)),
+    },
+    "bwd_dkdv": {
+        16: (C(32, 128, 4, 3), C(64, 128, 8, 3), C(32, 64, 4, 2)),
+        32: (C(32, 128, 4, 3), C(64, 128, 8, 3), C(32, 64, 4, 2)),
+        64: (C(32, 128, 8, 2), C(16, 128, 8, 2), C(32, 64, 4, 2)),
+        128: (C(16, 64, 8, 2), C(32, 64, 8, 2), C(32, 32, 4, 2)),
+        256: (C(32, 32, 8, 1), C(16, 32, 4, 1)),
+    },
+    "bwd_dq": {
+        16: (C(128, 32, 4, 3), C(128, 64, 8, 3), C(64, 32, 4, 2)),
+        32: (C(128, 32, 4, 3), C(128, 64, 8, 3), C(64, 32, 4, 2)),
+        64: (C(128, 32, 8, 3), C(128, 64, 8, 3), C(64, 64, 4, 3), C(64, 32, 4, 2)),
+        128: (C(128, 32, 8, 2), C(64, 64, 4, 2), C(64, 32, 4, 2)),
+        256: (C(64, 32, 8, 2), C(32, 32, 4, 2), C(16, 32, 4, 1)),
+    },
+}
+# float32 inputs take exact fp32 dots, which run on CUDA cores (FMA) and hold their operands in
+# registers: small tiles. This path is for exactness, not speed (use 16-bit inputs for speed).
+# A few of these keep <= 40 bytes of ptxas spills (the 16-bit CONFIGS have none).
+CONFIGS_FP32: Dict[str, Dict[int, Tuple[Config, ...]]] = {
+    "fwd": {
+        16: (C(32, 32, 4, 2),),
+        32: (C(32, 32, 4, 2),),
+        64: (C(32, 32, 4, 2),),
+        128: (C(32, 64, 8, 2),),
+        256: (C(32, 32, 8, 1), C(16, 32, 4, 1)),
+    },
+    "bwd_dkdv": {
+        16: (C(32, 64, 8, 2), C(32, 32, 4, 2)),
+        32: (C(32, 64, 8, 2), C(32, 32, 4, 2)),
+        64: (C(32, 64, 8, 2), C(32, 32, 4, 2)),
+        128: (C(32, 32, 8, 2), C(16, 32, 4, 2)),
+        256: (C(16, 32, 8, 1), C(16, 16, 4, 1)),
+    },
+    "bwd_dq": {
+        16: (C(32, 32, 4, 2), C(64, 32, 8, 2)),
+        32: (C(32, 32, 4, 2), C(64, 32, 8, 2)),
+        64: (C(32, 32, 4, 2), C(64, 32, 8, 2)),
+        128: (C(32, 16, 4, 2),),
+        256: (C(32, 16, 8, 1), C(16, 16, 4, 1)),
+    },
+}
+# The interpreter runs one small config (tuning there would take minutes). BLOCK_M != BLOCK_N on
+# purpose: the CPU tests then cover the causal tile bounds with unequal tiles.
+INTERPRETER_CONFIGS: Dict[str, Config] = {
+    "fwd": C(32, 16, 4, 1),
+    "bwd_dkdv": C(16, 32, 4, 1),
+    "bwd_dq": C(32, 16, 4, 1),
+}
+del C
+
+
+def head_dim_bucket(d: int, dv: int) -> int:
+    """The padded head dim the kernels use for q/k head dim ``d`` and v head dim ``dv``."""
+    return max(16, next_pow2(d), next_pow2(dv))
+
+
+def configs_for(kernel: str, bucket: int, dtype: torch.dtype = torch.float16,
+                interpreter: Optional[bool] = None) -> Tuple[Config, ...]:
+    """Candidate configs of ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") for a head-dim bucket and the
+    input dtype; the single interpreter config when ``interpreter`` (default: TRITON_INTERPRET is on)."""
+    if interpreter if interpreter is not None else interpreter_active():
+        return (INTERPRETER_CONFIGS[kernel],)
+    table = CONFIGS_FP32 if dtype == torch.float32 else CONFIGS
+    return table[kernel][bucket]
+
+
+def _preprocess_block_m(block_dv: int) -> int:
+    # ~64 elements of each of O and dO per thread (4 warps), whatever the head dim
+    return max(16, min(128, 8192 // block_dv))
+
+
+# --------------------------------------------------------------------------------------------
+# tile access and dots (masks and hints are compile-time choices, so full tiles carry no masks)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _head_ptr(ptr, b, stride_b, h, stride_h, ALIGN: tl.constexpr):
+    """Start of the (batch b, head h) slice, in 64-bit arithmetic (B*H*S*D may exceed 2**31)."""
+    if ALIGN > 1 and ALIGN < 16:  # see _tile_ptrs
+        stride_b = stride_b // ALIGN * ALIGN
+        stride_h = stride_h // ALIGN * ALIGN
+    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _tile_ptrs(base, rows, stride_row, cols, stride_col, ALIGN: tl.constexpr):
+    # ALIGN: the launcher checked every stride is a multiple of it. Triton itself only learns
+    # "divisible by 16" from an integer argument, so a (B, H, S, 40) tensor (row stride 40) would
+    # load element by element and skip the cp.async pipeline. s // ALIGN * ALIGN (exact here) tells
+    # it rows start 16-byte aligned in 16-bit types. (tl.multiple_of on a scalar does not stick.)
+    if ALIGN > 1 and ALIGN < 16:
+        stride_row = stride_row // ALIGN * ALIGN
+    return base + rows[:, None] * stride_row + cols[None, :] * stride_col
+
+
+@triton.jit
+def _load_tile(base, rows, stride_row, cols, stride_col, n_rows, N_COLS: tl.constexpr,
+               MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr):
+    """A (rows, cols) tile, zero outside rows < n_rows (if MASK_ROWS) and cols < N_COLS (if MASK_COLS)."""
+    ptrs = _tile_ptrs(base, rows, stride_row, cols, stride_col, ALIGN)
+    if MASK_ROWS:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(base, x, rows, stride_row, cols, stride_col, n_rows, N_COLS: tl.constexpr,
+                MASK_COLS: tl.constexpr, ALIGN: tl.constexpr):
+    ptrs = _tile_ptrs(base, rows, stride_row, cols, stride_col, ALIGN)
+    if MASK_COLS:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
+    else:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows[:, None] < n_rows)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) in float32. "ieee": exact float32 products (float32 inputs; TF32 would break
+    parity with torch). "bf16_via_fp32": bfloat16 operands upcast first, for the interpreter only,
+    whose tl.dot multiplies bfloat16 bit patterns (triton-lang/triton#11584); bf16 products are
+    exact in float32, so this is what a tensor core computes."""
+    if DOT_PRECISION == "bf16_via_fp32":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return c
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q,
+    k_base, v_base, sks, skd, svs, svd,
+    offs_m, offs_d, offs_dv, lo, hi, Sk, causal_offset, qk_scale,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Online softmax over key tiles [lo, hi). MASKED tiles apply the key bound and causal mask."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        if MASKED:
+            keep = offs_n[None, :] < Sk
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen no key yet keeps m = -inf; subtract 0 so exp2 gives 0, not nan
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sob, soh, sos, sod,
+    slb, slh, sls,
+    Hq, GROUP, Sq, Sk, qk_scale,
+    IS_CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(Sq, BLOCK_M)
+    bh = pid // n_m_tiles
+    tile = pid % n_m_tiles
+    if IS_CAUSAL:
+        tile = n_m_tiles - 1 - tile  # the longest rows first: better tail balance
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    m0 = tile * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)
+    v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
+    q = _load_tile(_head_ptr(Q, b, sqb, h, sqh, ALIGN), offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM,
+                   True, HEAD_DIM != BLOCK_D, ALIGN)
+
+    # key tiles [0, full) are visible to every row of this Q tile; [full, hi) need masks
+    causal_offset = Sk - Sq
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset), 0)
+        full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Sk
+        full = Sk // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
+                               offs_m, offs_d, offs_dv, 0, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
+                               offs_m, offs_d, offs_dv, full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+
+    # rows that saw no key: l = 0, out = 0, lse = -inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    _store_tile(_head_ptr(Out, b, sob, h, soh, ALIGN), acc / l_safe[:, None], offs_m, sos, offs_dv, sod, Sq,
+                HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV, ALIGN)
+    tl.store(_head_ptr(Lse, b, slb, h, slh, 1) + offs_m * sls, lse, mask=offs_m < Sq)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, DOut, Lse, DLse, Delta, Lse2,
+    sob, soh, sos, sod,
+    sdob, sdoh, sdos, sdod,
+    slb, slh, sls,
+    sdlb, sdlh, sdls,
+    Hq, Sq,
+    HAS_DLSE: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf for rows that saw no key, so
+    that P = exp2(s - lse2) is 0 there), both (B, Hq, Sq) contiguous float32."""
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(Sq, BLOCK_M)
+    bh = pid // n_m_tiles
+    tile = pid % n_m_tiles
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq
+    o = _load_tile(_head_ptr(Out, b, sob, h, soh, ALIGN), offs_m, sos, offs_dv, sod, Sq, HEAD_DIM_V,
+                   True, HEAD_DIM_V != BLOCK_DV, ALIGN)
+    do = _load_tile(_head_ptr(DOut, b, sdob, h, sdoh, ALIGN), offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V,
+                    True, HEAD_DIM_V != BLOCK_DV, ALIGN)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        dlse = tl.load(_head_ptr(DLse, b, sdlb, h, sdlh, 1) + offs_m * sdls, mask=row_ok, other=0.0)
+        delta = delta - dlse.to(tl.float32)
+    lse = tl.load(_head_ptr(Lse, b, slb, h, slh, 1) + offs_m * sls, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    row = bh.to(tl.int64) * Sq + offs_m
+    tl.store(Delta + row, delta, mask=row_ok)
+    tl.store(Lse2 + row, lse2, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v,
+    q_base, do_base, lse2_base, delta_base, sqs, sqd, sdos, sdod,
+    offs_n, offs_d, offs_dv, lo, hi, Sq, causal_offset, qk_scale,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM, True, HEAD_DIM != BLOCK_D, ALIGN)
+        # rows past Sq read lse2 = +inf, so their P is exactly 0
+        lse2 = tl.load(lse2_base + offs_m, mask=offs_m < Sq, other=float("inf"))
+        s_t = _dot(k, tl.trans(q), None, DOT_PRECISION)
+        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+        do = _load_tile(do_base, offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV, ALIGN)
+        dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
+        dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse2, Delta, DK, DV,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdob, sdoh, sdos, sdod,
+    sdkb, sdkh, sdks, sdkd,
+    sdvb, sdvh, sdvs, sdvd,
+    Hk, GROUP, Sq, Sk, scale, qk_scale,
+    IS_CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_n_tiles = tl.cdiv(Sk, BLOCK_N)
+    bhk = pid // n_n_tiles
+    tile = pid % n_n_tiles
+    b = bhk // Hk
+    hk = bhk % Hk
+    n0 = tile * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    k = _load_tile(_head_ptr(K, b, skb, hk, skh, ALIGN), offs_n, sks, offs_d, skd, Sk, HEAD_DIM,
+                   True, HEAD_DIM != BLOCK_D, ALIGN)
+    v = _load_tile(_head_ptr(V, b, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
+                   True, HEAD_DIM_V != BLOCK_DV, ALIGN)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # query tiles [m_lo, m_full) straddle the causal diagonal of this key tile; [m_full, Sq) see all of it
+    causal_offset = Sk - Sq
+    if IS_CAUSAL:
+        m_lo = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M
+        m_full = (tl.maximum(n0 + BLOCK_N - 1 - causal_offset, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        m_full = tl.minimum(tl.maximum(m_full, m_lo), Sq)
+    else:
+        m_full = 0
+
+    # the query heads of this kv head's GQA group, summed here in registers: no atomics
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = _head_ptr(Q, b, sqb, h, sqh, ALIGN)
+        do_base = _head_ptr(DOut, b, sdob, h, sdoh, ALIGN)
+        row_base = (b * Hk * GROUP + h).to(tl.int64) * Sq
+        if IS_CAUSAL:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
+                                 sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_full, Sq, causal_offset,
+                                 qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
+                             sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, Sq, Sq, causal_offset,
+                             qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN)
+
+    _store_tile(_head_ptr(DK, b, sdkb, hk, sdkh, ALIGN), dk * scale, offs_n, sdks, offs_d, sdkd, Sk, HEAD_DIM,
+                HEAD_DIM != BLOCK_D, ALIGN)
+    _store_tile(_head_ptr(DV, b, sdvb, hk, sdvh, ALIGN), dv, offs_n, sdvs, offs_dv, sdvd, Sk, HEAD_DIM_V,
+                HEAD_DIM_V != BLOCK_DV, ALIGN)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta,
+    k_base, v_base, sks, skd, svs, svd,
+    offs_m, offs_d, offs_dv, lo, hi, Sk, causal_offset, qk_scale,
+    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
+        v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            # padded keys must give P = 0 exactly: exp2(0 - lse2) can overflow for very negative lse
+            keep = offs_n[None, :] < Sk
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse2, Delta, DQ,
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdob, sdoh, sdos, sdod,
+    sdqb, sdqh, sdqs, sdqd,
+    Hq, GROUP, Sq, Sk, scale, qk_scale,
+    IS_CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(Sq, BLOCK_M)
+    bh = pid // n_m_tiles
+    tile = pid % n_m_tiles
+    if IS_CAUSAL:
+        tile = n_m_tiles - 1 - tile
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    m0 = tile * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q = _load_tile(_head_ptr(Q, b, sqb, h, sqh, ALIGN), offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM,
+                   True, HEAD_DIM != BLOCK_D, ALIGN)
+    do = _load_tile(_head_ptr(DOut, b, sdob, h, sdoh, ALIGN), offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V,
+                    True, HEAD_DIM_V != BLOCK_DV, ALIGN)
+    row = bh.to(tl.int64) * Sq + offs_m
+    lse2 = tl.load(Lse2 + row, mask=offs_m < Sq, other=float("inf"))
+    delta = tl.load(Delta + row, mask=offs_m < Sq, other=0.0)
+    k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)
+    v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
+
+    causal_offset = Sk - Sq
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset), 0)
+        full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Sk
+        full = Sk // BLOCK_N * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
+                   0, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
+                   full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+    _store_tile(_head_ptr(DQ, b, sdqb, h, sdqh, ALIGN), dq * scale, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
+                HEAD_DIM != BLOCK_D, ALIGN)
+
+
+# --------------------------------------------------------------------------------------------
+# launch plans: the one place that turns tensors into kernel arguments
+# --------------------------------------------------------------------------------------------
+
+
+def _strides(prefix: str, t: Tensor) -> Dict[str, int]:
+    return {f"{prefix}{axis}": s for axis, s in zip("bhsd", t.stride())}
+
+
+def _lse_strides(prefix: str, t: Tensor) -> Dict[str, int]:
+    return {f"{prefix}{axis}": s for axis, s in zip("bhs", t.stride())}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreter_active():
+        return "bf16_via_fp32"
+    return "tf32"  # ignored for 16-bit operands: they use the tensor cores' native format
+
+
+def _stride_align(*tensors: Optional[Tensor]) -> int:
+    """Largest power of two <= 16 dividing every row/head/batch stride of ``tensors``: the ALIGN hint.
+
+    Triton only learns "divisible by 16" from an integer argument; a (B, H, S, 40) tensor has row
+    stride 40, which is a multiple of 8 (16 bytes in 16-bit types), enough for vector loads."""
+    align = 16
+    for t in tensors:
+        if t is not None:
+            for s in t.stride()[:-1]:
+                align = math.gcd(align, s)
+    return align
+
+
+def _common_constexprs(q: Tensor, v: Tensor, is_causal: bool, *tensors: Tensor) -> Dict[str, object]:
+    d, dv = q.shape[-1], v.shape[-1]
+    return {
+        "IS_CAUSAL": bool(is_causal),
+        "HEAD_DIM": d,
+        "HEAD_DIM_V": dv,
+        "BLOCK_D": max(16, next_pow2(d)),
+        "BLOCK_DV": max(16, next_pow2(dv)),
+        "DOT_PRECISION": _dot_precision(q.dtype),
+        "ALIGN": _stride_align(q, v, *tensors),
+    }
+
+
+def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool):
+    return (
+        q.dtype,
+        q.device.index,
+        q.shape[-1],
+        v.shape[-1],
+        bool(is_causal),
+        q.shape[1] // k.shape[1] > 1,
+        length_bucket(q.shape[2]),
+        length_bucket(k.shape[2]),
+    )
+
+
+def _grid(rows: int, programs: int, tiles_of: str):
+    """Grid of ``programs`` x (tiles of ``rows``), flattened into axis 0 (no 65535 limit on B*H)."""
+
+    def grid(config: Config) -> Tuple[int]:
+        return (ceil_div(rows, getattr(config, tiles_of)) * programs,)
+
+    return grid
+
+
+def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float) -> LaunchPlan:
+    """The launch of the forward kernel for these tensors (shapes as in :func:`forward`)."""
+    b, hq, sq, _ = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    constexprs = _common_constexprs(q, v, is_causal, k, out)
+    args = {
+        "Q": q, "K": k, "V": v, "Out": out, "Lse": lse,
+        **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", out), **_lse_strides("sl", lse),
+        "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, "qk_scale": float(scale) * LOG2E,
+    }
+    return LaunchPlan(
+        name="fwd", kernel=_attn_fwd_kernel, args=args, constexprs=constexprs,
+        configs=configs_for("fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype),
+        grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal),
+    )
+
+
+def backward_plans(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float,
+) -> List[LaunchPlan]:
+    """The three launches of the backward (preprocess, dK/dV, dQ), in order. Allocates the float32
+    (B, Hq, Sq) scratch buffers delta and lse2 that connect them."""
+    b, hq, sq, d = q.shape
+    hk, sk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
+    constexprs = _common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv)
+    bucket = head_dim_bucket(d, dv_dim)
+    tune_key = _tune_key(q, k, v, is_causal)
+    delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+
+    block_dv = constexprs["BLOCK_DV"]
+    pre_block = INTERPRETER_CONFIGS["fwd"].block_m if interpreter_active() else _preprocess_block_m(block_dv)
+    dlse_t = dlse if dlse is not None else lse  # a placeholder pointer, never read when HAS_DLSE is False
+    pre = LaunchPlan(
+        name="bwd_preprocess", kernel=_attn_bwd_preprocess_kernel,
+        args={
+            "Out": out, "DOut": dout, "Lse": lse, "DLse": dlse_t, "Delta": delta, "Lse2": lse2,
+            **_strides("so", out), **_strides("sdo", dout), **_lse_strides("sl", lse), **_lse_strides("sdl", dlse_t),
+            "Hq": hq, "Sq": sq,
+        },
+        constexprs={"HAS_DLSE": dlse is not None, "HEAD_DIM_V": dv_dim, "BLOCK_DV": block_dv,
+                    "ALIGN": constexprs["ALIGN"]},
+        configs=(Config(pre_block, 0, 4, 1),),
+        grid=_grid(sq, b * hq, "block_m"),
+    )
+    common = {
+        "Q": q, "K": k, "V": v, "DOut": dout, "Lse2": lse2, "Delta": delta,
+        **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("sdo", dout),
+    }
+    scales = {"scale": float(scale), "qk_scale": float(scale) * LOG2E}
+    dkdv = LaunchPlan(
+        name="bwd_dkdv", kernel=_attn_bwd_dkdv_kernel,
+        args={**common, "DK": dk, "DV": dv, **_strides("sdk", dk), **_strides("sdv", dv),
+              "Hk": hk, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales},
+        constexprs=constexprs, configs=configs_for("bwd_dkdv", bucket, q.dtype),
+        grid=_grid(sk, b * hk, "block_n"), tune_key=tune_key,
+    )
+    dq_plan = LaunchPlan(
+        name="bwd_dq", kernel=_attn_bwd_dq_kernel,
+        args={**common, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales},
+        constexprs=constexprs, configs=configs_for("bwd_dq", bucket, q.dtype),
+        grid=_grid(sq, b * hq, "block_m"), tune_key=tune_key,
+    )
+    return [pre, dkdv, dq_plan]
+
+
+def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float] = None) -> List[LaunchPlan]:
+    """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work).
+
+    Outputs are allocated like the op layer does (contiguous). For the kernel report: compile
+    each plan with each of its configs via :func:`kernels._triton_utils.compile_plan`.
+    """
+    b, hq, sq, d = q.shape
+    scale = scale if scale is not None else d ** -0.5
+    out = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    fwd = forward_plan(q, k, v, out, lse, is_causal, scale)
+    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale)]
+
+
+# --------------------------------------------------------------------------------------------
+# the backend interface
+# --------------------------------------------------------------------------------------------
+
+
+def _in_head_extent(t: Tensor) -> int:
+    """Largest element offset inside one (batch, head) slice: the kernels index it with int32."""
+    return sum((n - 1) * s for n, s in zip(t.shape[2:], t.stride()[2:]))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    """Why the kernel cannot take this call, or None. (Shapes and devices are validated upstream.)"""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported by the triton kernel (float16, bfloat16, float32)"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} exceeds the kernel's {MAX_HEAD_DIM}"
+    if q.device.type == "cuda":
+        major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        if major < 8:
+            return f"the triton kernel needs compute capability 8.0 (Ampere) or newer; this GPU has {major}.{minor}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if _in_head_extent(t) >= 2**31:
+            return f"{name} spans more than 2**31 elements within one (batch, head) slice (32-bit in-kernel offsets)"
+    return None
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float) -> None:
+    """Write ``out`` (B, Hq, Sq, Dv) in q's dtype and ``lse`` (B, Hq, Sq) float32 (natural log).
+
+    q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides; Sq, Sk >= 1.
+    """
+    with _on_device(q):
+        launch(forward_plan(q, k, v, out, lse, is_causal, scale))
+
+
+def backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float,
+) -> None:
+    """Write dq, dk, dv (shapes of q, k, v; any strides) from dout (shape of out) and ``dlse``
+    (None or (B, Hq, Sq), the gradient flowing into lse). Deterministic; GQA gradients are summed
+    over each kv head's query heads inside the dK/dV kernel."""
+    with _on_device(q):
+        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale):
+            launch(plan)
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' (they may be on cuda:1)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

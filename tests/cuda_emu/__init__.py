@@ -1,0 +1,455 @@
+"""A CPU emulator for the CUDA kernels in csrc/: build it, load it, call the kernels on CPU tensors.
+
+The unmodified ``csrc/*.cu`` files are compiled as C++20 by g++ with ``cuda_shim.h`` force-included
+(the CUDA execution model mapped to host fibers, see that file) and linked with ``emu_runtime.cpp``
+into a shared library, cached under ``$FASTGPT_CACHE_DIR/cuda_emu/<hash of sources and flags>``.
+:class:`Emulator` calls the kernels' own C entry points (``csrc/fastgpt_cuda.h``) through ctypes and
+exposes the ops of the ``cuda`` backend (``fastgpt.cuda_ext.load()``) with the same signatures and
+output conventions, on CPU tensors.
+
+``build(mutations=...)`` compiles a variant with textual edits to the kernel sources (a planted bug),
+so the tests can show that the emulator catches such bugs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+CSRC = REPO / "csrc"
+KERNEL_SOURCES = ("layer_norm.cu", "gelu.cu")
+CXXFLAGS = (
+    "-std=c++20",
+    "-O2",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-fno-strict-aliasing",  # the kernels move packs through uint4, as CUDA code does
+    "-Wall",
+    "-Wno-unknown-pragmas",
+    # the torch extension build compiles the kernels with these: keep the emulator as strict
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+)
+
+FG_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FG_APPROXIMATE = {"none": 0, "tanh": 1}
+ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+
+Mutation = Tuple[str, str, str]  # (file in csrc/, text that must occur exactly once, replacement)
+
+
+class EmulatorError(RuntimeError):
+    """A kernel misbehaved under the emulator (deadlock, bad shuffle mask, bad launch) or returned an error."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FASTGPT_CACHE_DIR") or Path.home() / ".cache" / "fastgpt")
+
+
+def cuda_include_dir() -> Optional[Path]:
+    """A directory with cuda_fp16.h / cuda_bf16.h / cuda_runtime_api.h: the CUDA toolkit, else pip's nvidia wheels."""
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for site in map(Path, sys.path):
+        nvidia = site / "nvidia"
+        if nvidia.is_dir():
+            candidates.extend(sorted(nvidia.glob("*/include")))
+    for c in candidates:
+        if (c / "cuda_fp16.h").exists() and (c / "cuda_bf16.h").exists() and (c / "cuda_runtime_api.h").exists():
+            return c
+    return None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the emulator cannot be built here, or None."""
+    if sys.platform != "linux":
+        return f"the CUDA emulator needs Linux (got {sys.platform})"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "g++ not found (the CUDA emulator compiles the kernels with the host C++ compiler)"
+    if _ninja() is None:
+        return "ninja not found (pip install ninja)"
+    if cuda_include_dir() is None:
+        return "CUDA headers not found (set CUDA_HOME, or install the CUDA toolkit or the nvidia-cuda-runtime wheel)"
+    return None
+
+
+def _ninja() -> Optional[str]:
+    path = shutil.which("ninja")
+    if path is None:
+        try:
+            import ninja  # type: ignore[import-not-found]
+
+            path = str(Path(ninja.BIN_DIR) / "ninja")
+        except ImportError:
+            return None
+    return path
+
+
+def _mutated_sources(mutations: Sequence[Mutation], into: Path) -> Path:
+    """A copy of csrc/ with each mutation applied (each `old` text must occur exactly once)."""
+    src = into / "csrc"
+    shutil.copytree(CSRC, src)
+    for name, old, new in mutations:
+        path = src / name
+        text = path.read_text()
+        count = text.count(old)
+        if count != 1:
+            raise ValueError(f"mutation of {name}: {old!r} occurs {count} times; expected exactly once")
+        path.write_text(text.replace(old, new))
+    return src
+
+
+def _fingerprint(source_dir: Path, flags: Sequence[str], cxx: str, include: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(source_dir.iterdir()) + sorted(HERE.glob("*.[ch]*")):
+        if path.suffix in (".cu", ".cuh", ".h", ".cpp"):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    h.update("\0".join([*flags, cxx, str(include)]).encode())
+    return h.hexdigest()[:16]
+
+
+def build(mutations: Sequence[Mutation] = (), verbose: bool = False) -> Path:
+    """Compile the emulator (cached by a hash of every source and flag); returns the library's path."""
+    reason = unavailable_reason()
+    if reason:
+        raise EmulatorError(reason)
+    cxx = os.environ.get("CXX", "g++")
+    include = cuda_include_dir()
+    with tempfile.TemporaryDirectory(prefix="fastgpt-emu-src-") as tmp:
+        source_dir = _mutated_sources(mutations, Path(tmp)) if mutations else CSRC
+        flags = list(CXXFLAGS) + [f"-I{include}", f"-I{HERE}", f"-I{source_dir}"]
+        key = _fingerprint(source_dir, CXXFLAGS, cxx, include)
+        out_dir = cache_dir() / "cuda_emu" / key
+        lib = out_dir / "libfastgpt_cuda_emu.so"
+        if lib.exists():
+            return lib
+        # build in a private directory, then move it into place: concurrent builders never see half a library
+        work = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_mkdir(out_dir.parent)))
+        if mutations:
+            shutil.copytree(source_dir, work / "csrc")
+            source_dir = work / "csrc"
+            flags[-1] = f"-I{source_dir}"
+        objects = []
+        lines = [
+            f"cxx = {cxx}",
+            f"flags = {' '.join(flags)}",
+            "rule cxx",
+            "  command = $cxx $flags $extra -c $in -o $out",
+            "  description = CXX $out",
+            "rule link",
+            "  command = $cxx -shared $in -o $out -Wl,-Bsymbolic -Wl,--no-undefined -lpthread",
+            "  description = LINK $out",
+            f"build emu_runtime.o: cxx {HERE / 'emu_runtime.cpp'}",
+        ]
+        objects.append("emu_runtime.o")
+        for name in KERNEL_SOURCES:
+            obj = name.replace(".cu", ".o")
+            lines += [f"build {obj}: cxx {source_dir / name}", f"  extra = -x c++ -include {HERE / 'cuda_shim.h'}"]
+            objects.append(obj)
+        lines.append(f"build {lib.name}: link {' '.join(objects)}")
+        (work / "build.ninja").write_text("\n".join(lines) + "\n")
+        proc = subprocess.run([_ninja(), "-C", str(work)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise EmulatorError(f"building the CUDA emulator failed:\n{proc.stdout}\n{proc.stderr}")
+        if verbose:
+            print(proc.stdout)
+        try:
+            os.replace(work, out_dir)
+        except OSError:  # another process finished first
+            shutil.rmtree(work, ignore_errors=True)
+        if not lib.exists():
+            raise EmulatorError(f"building the CUDA emulator left no {lib} (a stale {out_dir}? remove it)")
+        return lib
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ---- the C structs of csrc/fastgpt_cuda.h ------------------------------------------------------------
+
+_i64, _f64, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+
+
+class _LayerNormFwdArgs(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("cols", _i64), ("dtype", _i64), ("param_dtype", _i64), ("eps", _f64),
+                ("x", _ptr), ("residual", _ptr), ("weight", _ptr), ("bias", _ptr),
+                ("y", _ptr), ("sum", _ptr), ("mean", _ptr), ("rstd", _ptr)]  # fmt: skip
+
+
+class _LayerNormBwdArgs(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("cols", _i64), ("dtype", _i64), ("param_dtype", _i64), ("grad_dtype", _i64),
+                ("dy", _ptr), ("x", _ptr), ("weight", _ptr), ("mean", _ptr), ("rstd", _ptr), ("dsum", _ptr),
+                ("dx", _ptr), ("dweight", _ptr), ("dbias", _ptr), ("workspace", _ptr)]  # fmt: skip
+
+
+class _GeluArgs(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("cols", _i64), ("dtype", _i64), ("bias_dtype", _i64), ("approximate", _i64),
+                ("x", _ptr), ("bias", _ptr), ("dy", _ptr), ("out", _ptr), ("dbias", _ptr), ("workspace", _ptr)]  # fmt: skip
+
+
+def _p(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _check_input(name: str, t: Tensor) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"cuda emulator: {name} must be a CPU tensor; got {t.device}")
+    if t.dtype not in FG_DTYPES:
+        raise TypeError(f"cuda emulator: {name} must be float32, float16 or bfloat16; got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"cuda emulator: {name} must be contiguous")
+
+
+GUARD_BYTES = 256
+POISON_IN = 0xFF  # around inputs: NaN in float32, float16 and bfloat16 (a read past the end poisons the result)
+POISON_OUT = 0xFE  # outputs and their guards: -1.7e38 (bfloat16, float32) or NaN (float16), and never what
+#                    a NaN computed from POISON_IN rounds to, so a stray write of one shows
+
+
+class _Guarded:
+    """The tensors of one call, each placed between poisoned guard bytes (a light memcheck).
+
+    Inputs are copied into guarded buffers at the same offset modulo 16 bytes as the caller's (so
+    a misaligned view stays misaligned and takes the same kernel path), and reading past their end
+    reads NaN; outputs start poisoned, so an element the kernel never writes fails the parity
+    check; :meth:`verify` raises if a guard byte or an input was overwritten.
+    """
+
+    def __init__(self):
+        self.records: list[tuple[str, Tensor, int, int, Optional[Tensor], Optional[Tensor], int]] = []
+
+    def _alloc(self, shape, dtype: torch.dtype, misalign: int, poison: int) -> Tuple[Tensor, Tensor, int, int]:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = int(torch.Size(shape).numel()) * itemsize
+        buf = torch.full((2 * GUARD_BYTES + nbytes + 32,), poison, dtype=torch.uint8)
+        start = GUARD_BYTES + (-(buf.data_ptr() + GUARD_BYTES)) % 16 + misalign
+        view = buf[start : start + nbytes].view(dtype).view(shape)
+        return view, buf, start, nbytes
+
+    def input(self, name: str, t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None:
+            return None
+        _check_input(name, t)
+        view, buf, start, nbytes = self._alloc(t.shape, t.dtype, t.data_ptr() % 16, POISON_IN)
+        view.copy_(t)
+        self.records.append((name, buf, start, nbytes, view, t, POISON_IN))
+        return view
+
+    def output(self, name: str, shape, dtype: torch.dtype) -> Tensor:
+        view, buf, start, nbytes = self._alloc(shape, dtype, 0, POISON_OUT)
+        self.records.append((name, buf, start, nbytes, None, None, POISON_OUT))
+        return view
+
+    def verify(self, op: str) -> None:
+        for name, buf, start, nbytes, view, original, poison in self.records:
+            guards = torch.cat([buf[:start], buf[start + nbytes :]])
+            if not bool((guards == poison).all()):
+                raise EmulatorError(f"{op}: a kernel wrote outside {name} (guard bytes overwritten)")
+            if original is not None and not torch.equal(view.view(torch.uint8), original.contiguous().view(torch.uint8)):
+                raise EmulatorError(f"{op}: a kernel overwrote the input {name}")
+
+
+class Emulator:
+    """The kernels of csrc/ on CPU tensors, with the signatures of the ``cuda`` backend's ops.
+
+    Every call runs on guarded copies of its tensors (see :class:`_Guarded`). Not thread-safe
+    across calls of one op (launches are serialised inside the library).
+    """
+
+    def __init__(self, lib_path: Path):
+        self.path = Path(lib_path)
+        lib = ctypes.CDLL(str(self.path))  # RTLD_LOCAL: variants and the real extension never interpose
+        for name, argtype in (
+            ("fastgpt_layer_norm_fwd", _LayerNormFwdArgs),
+            ("fastgpt_layer_norm_bwd", _LayerNormBwdArgs),
+            ("fastgpt_gelu_fwd", _GeluArgs),
+            ("fastgpt_gelu_bwd", _GeluArgs),
+            ("fastgpt_bias_gelu_fwd", _GeluArgs),
+            ("fastgpt_bias_gelu_bwd", _GeluArgs),
+        ):
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.POINTER(argtype), ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+        for name, argtype in (
+            ("fastgpt_layer_norm_bwd_workspace_size", _LayerNormBwdArgs),
+            ("fastgpt_bias_gelu_bwd_workspace_size", _GeluArgs),
+        ):
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.POINTER(argtype)]
+            fn.restype = ctypes.c_size_t
+        lib.fastgpt_emu_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64]
+        lib.fastgpt_emu_plant_bug.argtypes = [ctypes.c_int]
+        lib.fastgpt_emu_take_error.restype = ctypes.c_char_p
+        lib.fastgpt_emu_take_launch_log.restype = ctypes.c_char_p
+        self.lib = lib
+        self.configure()
+
+    # ---- emulated device -------------------------------------------------------------------------
+
+    def configure(
+        self, sms: int = 1, threads_per_sm: int = 1024, order: str = "forward", greedy: bool = False, seed: int = 0
+    ) -> None:
+        """The emulated device and schedule.
+
+        ``sms`` and ``threads_per_sm`` size the grids of the grid-stride kernels (small values make
+        every kernel loop). ``order`` ranks the threads of a block (and the blocks): "forward",
+        "reverse" or "shuffle" (with ``seed``). Round robin (default) advances every runnable thread
+        one step (to its next barrier or shuffle) per pass; ``greedy`` always resumes the first
+        runnable thread by rank, so warps run as far ahead of each other as the barriers allow.
+        """
+        self.lib.fastgpt_emu_configure(sms, threads_per_sm, ORDERS[order], int(greedy), seed)
+
+    def plant_bug(self, k: int) -> None:
+        """Switch on planted bug k (0: none) of a build with mutated sources (see build(mutations=...))."""
+        self.lib.fastgpt_emu_plant_bug(k)
+
+    def take_launches(self) -> list[str]:
+        """Kernel launches since the last call: 'kernel<...> grid=(...) block=(...)' each."""
+        text = self.lib.fastgpt_emu_take_launch_log().decode()
+        return [line for line in text.splitlines() if line]
+
+    def _call(self, name: str, args, guarded: _Guarded) -> None:
+        rc = getattr(self.lib, name)(ctypes.byref(args), None)
+        message = self.lib.fastgpt_emu_take_error().decode()
+        if rc != 0 or message:
+            raise EmulatorError(f"{name} returned cudaError {rc}: {message or 'invalid argument'}")
+        guarded.verify(name)
+
+    # ---- layer norm ------------------------------------------------------------------------------
+
+    def _ln_fwd(self, x, residual, weight, bias, eps):
+        g = _Guarded()
+        m, n = x.shape
+        for name, p in (("weight", weight), ("bias", bias)):
+            if p is not None and p.shape != (n,):
+                raise ValueError(f"cuda emulator: {name} must have shape ({n},); got {tuple(p.shape)}")
+        if weight is not None and bias is not None and bias.dtype != weight.dtype:
+            bias = bias.to(weight.dtype)  # the kernels take one parameter dtype (bindings.cpp does the same)
+        p = weight if weight is not None else bias
+        pd = FG_DTYPES[p.dtype if p is not None else x.dtype]
+        x, residual, weight, bias = g.input("x", x), g.input("residual", residual), g.input("weight", weight), g.input("bias", bias)
+        y = g.output("y", x.shape, x.dtype)
+        s = g.output("sum", x.shape, x.dtype) if residual is not None else None
+        mean = g.output("mean", (m,), torch.float32)
+        rstd = g.output("rstd", (m,), torch.float32)
+        args = _LayerNormFwdArgs(m, n, FG_DTYPES[x.dtype], pd, float(eps), _p(x), _p(residual), _p(weight), _p(bias),
+                                 _p(y), _p(s), _p(mean), _p(rstd))  # fmt: skip
+        if m:
+            self._call("fastgpt_layer_norm_fwd", args, g)
+        return y, s, mean, rstd
+
+    def _ln_bwd(self, dy, dsum, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
+        g = _Guarded()
+        # incoming gradients are made contiguous, as bindings.cpp does
+        dy = g.input("dy", dy.contiguous())
+        dsum = g.input("dsum", dsum.contiguous() if dsum is not None else None)
+        x, weight = g.input("x", x), g.input("weight", weight)
+        mean, rstd = g.input("mean", mean.float()), g.input("rstd", rstd.float())
+        m, n = x.shape
+        gdtype = weight.dtype if weight is not None else x.dtype
+        dx = g.output("dx", x.shape, x.dtype)
+        dw = g.output("dweight", (n,), gdtype) if need_weight_grad else x.new_empty((0,))
+        db = g.output("dbias", (n,), gdtype) if need_bias_grad else x.new_empty((0,))
+        args = _LayerNormBwdArgs(m, n, FG_DTYPES[x.dtype], FG_DTYPES[gdtype], FG_DTYPES[gdtype], _p(dy), _p(x), _p(weight),
+                                 _p(mean), _p(rstd), _p(dsum), _p(dx), _p(dw), _p(db), None)  # fmt: skip
+        if m == 0:
+            dw.zero_()
+            db.zero_()
+            return dx, dw, db
+        size = self.lib.fastgpt_layer_norm_bwd_workspace_size(ctypes.byref(args))
+        workspace = g.output("workspace", (size,), torch.uint8)
+        args.workspace = _p(workspace)
+        self._call("fastgpt_layer_norm_bwd", args, g)
+        return dx, dw, db
+
+    def layer_norm_fwd(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+        y, _, mean, rstd = self._ln_fwd(x, None, weight, bias, eps)
+        return y, mean, rstd
+
+    def layer_norm_bwd(self, dy, x, weight, mean, rstd, need_weight_grad: bool, need_bias_grad: bool):
+        return self._ln_bwd(dy, None, x, weight, mean, rstd, need_weight_grad, need_bias_grad)
+
+    def add_layer_norm_fwd(self, x, residual, weight, bias, eps: float):
+        return self._ln_fwd(x, residual, weight, bias, eps)
+
+    def add_layer_norm_bwd(self, dy, dsum, s, weight, mean, rstd, need_weight_grad: bool, need_bias_grad: bool):
+        return self._ln_bwd(dy, dsum, s, weight, mean, rstd, need_weight_grad, need_bias_grad)
+
+    # ---- GELU --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _gelu_args(x: Tensor, approximate: str, bias: Optional[Tensor] = None) -> _GeluArgs:
+        cols = x.shape[-1] if bias is not None else max(x.numel(), 1)
+        rows = x.numel() // cols if x.numel() else 0
+        bd = FG_DTYPES[bias.dtype] if bias is not None else FG_DTYPES[x.dtype]
+        return _GeluArgs(rows, cols, FG_DTYPES[x.dtype], bd, FG_APPROXIMATE[approximate], _p(x), _p(bias), None, None, None, None)
+
+    def gelu_fwd(self, x: Tensor, approximate: str) -> Tensor:
+        g = _Guarded()
+        x = g.input("x", x)
+        y = g.output("y", x.shape, x.dtype)
+        args = self._gelu_args(x, approximate)
+        args.out = _p(y)
+        if x.numel():
+            self._call("fastgpt_gelu_fwd", args, g)
+        return y
+
+    def gelu_bwd(self, dy: Tensor, x: Tensor, approximate: str) -> Tensor:
+        g = _Guarded()
+        dy, x = g.input("dy", dy.contiguous()), g.input("x", x)
+        dx = g.output("dx", x.shape, x.dtype)
+        args = self._gelu_args(x, approximate)
+        args.dy, args.out = _p(dy), _p(dx)
+        if x.numel():
+            self._call("fastgpt_gelu_bwd", args, g)
+        return dx
+
+    def bias_gelu_fwd(self, x: Tensor, bias: Tensor, approximate: str) -> Tensor:
+        g = _Guarded()
+        x, bias = g.input("x", x), g.input("bias", bias)
+        y = g.output("y", x.shape, x.dtype)
+        args = self._gelu_args(x, approximate, bias)
+        args.out = _p(y)
+        if x.numel():
+            self._call("fastgpt_bias_gelu_fwd", args, g)
+        return y
+
+    def bias_gelu_bwd(self, dy: Tensor, x: Tensor, bias: Tensor, approximate: str) -> Tuple[Tensor, Tensor]:
+        g = _Guarded()
+        dy, x, bias = g.input("dy", dy.contiguous()), g.input("x", x), g.input("bias", bias)
+        dx = g.output("dx", x.shape, x.dtype)
+        dbias = g.output("dbias", bias.shape, bias.dtype)
+        args = self._gelu_args(x, approximate, bias)
+        args.dy, args.out, args.dbias = _p(dy), _p(dx), _p(dbias)
+        if x.numel() == 0:
+            return dx, dbias.zero_()
+        size = self.lib.fastgpt_bias_gelu_bwd_workspace_size(ctypes.byref(args))
+        workspace = g.output("workspace", (size,), torch.uint8)
+        args.workspace = _p(workspace)
+        self._call("fastgpt_bias_gelu_bwd", args, g)
+        return dx, dbias
+
+
+def load(mutations: Iterable[Mutation] = ()) -> Emulator:
+    """Build (cached) and load the emulator, optionally with mutated kernel sources."""
+    return Emulator(build(tuple(mutations)))
