@@ -147,3 +147,21 @@ def test_empty_tensors_need_no_backend():
         assert fastgpt.gelu(torch.empty(0, 8)).shape == (0, 8)
         q = torch.empty(2, 1, 0, 16)
         assert fastgpt.attention(q, q, q).shape == (2, 1, 0, 16)
+
+
+def test_a_cuda_build_failure_is_a_reported_fallback(monkeypatch):
+    """If the extension cannot be built or loaded, the call falls back with a warning (strict: raises)."""
+    from fastgpt import cuda_ext
+    from fastgpt.ops import _cuda_backend
+
+    def broken():
+        raise RuntimeError("the fastgpt CUDA extension is unavailable: planted build failure")
+
+    monkeypatch.setattr(backends, "select", lambda op, device, constraint=None: "cuda")
+    monkeypatch.setattr(cuda_ext, "load", broken)
+    x = _x()
+    with pytest.warns(FallbackWarning, match="planted build failure"):
+        assert _cuda_backend.choose("gelu", x) == "reference"
+    monkeypatch.setenv("FASTGPT_STRICT", "1")
+    with pytest.raises(BackendUnavailableError, match="planted build failure"):
+        _cuda_backend.choose("gelu", x)

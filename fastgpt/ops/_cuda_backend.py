@@ -27,7 +27,19 @@ def constraint(x: Tensor) -> Callable[[str], Optional[str]]:
 
 
 def choose(op: str, x: Tensor) -> str:
-    """The backend for one call of a norm/GELU op on x; empty tensors need no kernel."""
+    """The backend for one call of a norm/GELU op on x; empty tensors need no kernel.
+
+    Choosing ``cuda`` loads the extension (compiling it on first use); if that fails, the failure
+    is reported like any other fallback (one warning, or an error in strict mode) and the
+    reference serves the call.
+    """
     if x.numel() == 0:
         return "reference"
-    return backends.select(op, x.device, constraint(x))
+    backend = backends.select(op, x.device, constraint(x))
+    if backend == "cuda":
+        try:
+            ops()
+        except RuntimeError as exc:
+            backends.report_fallback(op, "cuda", str(exc))
+            return "reference"
+    return backend
