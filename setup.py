@@ -43,13 +43,21 @@ def cuda_extension() -> dict:
         return {}
     import importlib.util
 
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    # fastgpt/cuda_ext.py defines the sources, flags, architectures and the library's name; load it
-    # on its own (it imports only torch), without importing the fastgpt package
+    # fastgpt/cuda_ext.py defines the sources, flags, architectures, toolkit and the library's name;
+    # load it on its own (it imports only torch), without importing the fastgpt package
     spec = importlib.util.spec_from_file_location("_fastgpt_cuda_ext_build", os.path.join(HERE, "fastgpt", "cuda_ext.py"))
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
+    home = build.cuda_home()
+    if home is None:
+        raise RuntimeError("FASTGPT_BUILD_CUDA=1: no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc)")
+    # torch.utils.cpp_extension reads CUDA_HOME when imported (its own guess from an nvcc wrapper on
+    # PATH can be a folder without the CUDA headers)
+    os.environ["CUDA_HOME"] = str(home)
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    cpp_extension.CUDA_HOME = str(home)
     os.environ["TORCH_CUDA_ARCH_LIST"] = build.arch_list()  # torch needs it set when no GPU is visible
     print(f"fastgpt: building the CUDA extension {build.aot_module_name()} for TORCH_CUDA_ARCH_LIST={build.arch_list()}")
     ext = CUDAExtension(

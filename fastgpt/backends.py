@@ -331,11 +331,13 @@ def explain(as_dict: bool = False, device: Optional[torch.device | str] = None):
 
 
 def tool_status() -> Dict[str, Optional[str]]:
-    """Where the CUDA toolchain is (for `fastgpt info`): nvcc path and CUDA_HOME, or None."""
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    nvcc = shutil.which("nvcc")
-    if nvcc is None and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        nvcc = os.path.join(cuda_home, "bin", "nvcc")
-    if cuda_home is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        cuda_home = "/usr/local/cuda (not exported as CUDA_HOME)"
-    return {"nvcc": nvcc, "CUDA_HOME": cuda_home}
+    """Where the CUDA toolchain is (for `fastgpt info`): nvcc on PATH, the CUDA_HOME variable, and
+    the toolkit the CUDA extension would be built with (None where absent)."""
+    from fastgpt import cuda_ext
+
+    toolkit = cuda_ext.cuda_home()
+    return {
+        "nvcc": shutil.which("nvcc"),
+        "CUDA_HOME": os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"),
+        "toolkit": str(toolkit) if toolkit else None,
+    }

@@ -37,14 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def static_report_hook(quick: bool) -> dict:
-    """HOOK (static report): what ``fastgpt inspect`` reads from the compiled kernels, for machines without a GPU.
+    """The static report (``fastgpt inspect``'s) for machines without a GPU.
 
     Where no GPU can time the kernels, the next best evidence is their machine code compiled for
     sm_80 / sm_90 (registers, spills, shared memory, occupancy, vector loads, MMA) and the roofline
-    time it implies on an H100. That report is ``fastgpt.kernel_report`` (being written). Its
-    interface for this hook: ``fastgpt.kernel_report.bench_summary(quick: bool) -> dict`` with
-    ``"rows"`` (a list of flat dicts, one per kernel and architecture) and optionally ``"text"``
-    (preformatted lines to print). Until it exists, the bench report says so.
+    time a byte/FLOP model gives on an H100 and an A100: ``fastgpt.kernel_report.bench_summary(quick)``,
+    a dict with ``"rows"`` (one flat dict per op, shape and GPU), ``"text"`` (the roofline table and any
+    problem, preformatted) and ``"problems"``. It compiles the Triton kernels (cached under
+    $FASTGPT_CACHE_DIR/kernel_report) but not the CUDA extension (it reads it when it is built).
     """
     import importlib
 

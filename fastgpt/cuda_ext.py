@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["NAMESPACE", "OPS", "status", "load", "source_dir", "cuda_home", "arch_list", "aot_module_name", "jit_build_dir"]
+__all__ = ["NAMESPACE", "OPS", "status", "load", "library_path", "source_dir", "cuda_home", "arch_list", "aot_module_name", "jit_build_dir"]
 
 NAMESPACE = "fastgpt_cuda"
 OPS = (
@@ -90,15 +90,20 @@ def cache_dir() -> Path:
 
 
 def cuda_home() -> Optional[Path]:
-    """The CUDA toolkit with nvcc, found the way torch.utils.cpp_extension finds it."""
+    """The CUDA toolkit: CUDA_HOME, CUDA_PATH, the toolkit of the nvcc on PATH, or /usr/local/cuda.
+
+    A candidate must hold nvcc *and* the runtime headers: an nvcc wrapper script in /usr/local/bin
+    would otherwise make /usr/local the toolkit, where linking fails on -lcudart. The path is
+    resolved, so /usr/local/cuda and the versioned folder it points to give the same build key.
+    """
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
     candidates.append("/usr/local/cuda")
     for c in candidates:
-        if c and (Path(c) / "bin" / "nvcc").exists():
-            return Path(c)
+        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c).resolve()
     return None
 
 
@@ -184,6 +189,13 @@ def _jit_library() -> Optional[Path]:
     return path if path.exists() else None
 
 
+def library_path() -> Optional[Path]:
+    """The built library that :func:`load` would load (ahead-of-time build first, else the cached
+    just-in-time build of these sources), or None when neither exists. Never compiles. The static
+    kernel report (``fastgpt inspect``) reads the kernels' machine code from it."""
+    return _aot_library() or _jit_library()
+
+
 # --------------------------------------------------------------------------------------------
 # status and load
 # --------------------------------------------------------------------------------------------
@@ -252,9 +264,12 @@ def _jit_build() -> Path:
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # torch reads it at build time (and needs it without a GPU)
     os.environ["CUDA_HOME"] = str(home)
     start = time.perf_counter()
+    # torch computed its own CUDA_HOME when cpp_extension was first imported, from the nvcc on PATH:
+    # a wrapper script in /usr/local/bin makes that /usr/local, without the CUDA headers. Build with
+    # the toolkit found above, whatever torch guessed.
+    saved_home = cpp_extension.CUDA_HOME
+    cpp_extension.CUDA_HOME = str(home)
     try:
-        if cpp_extension.CUDA_HOME is None:  # computed when torch.utils.cpp_extension was first imported
-            cpp_extension.CUDA_HOME = str(home)
         src = source_dir()
         cpp_extension.load(
             name=_jit_name(),
@@ -267,6 +282,7 @@ def _jit_build() -> Path:
             verbose=False,
         )
     finally:
+        cpp_extension.CUDA_HOME = saved_home
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -67,7 +67,10 @@ def format_text(info: Dict[str, Any]) -> str:
     else:
         lines.append("device: none (torch.cuda.is_available() is False); GPU kernels cannot run here")
     tools = info["toolchain"]
-    lines.append(f"nvcc: {tools['nvcc'] or 'not found'}   CUDA_HOME: {tools['CUDA_HOME'] or 'not set'}")
+    lines.append(
+        f"nvcc: {tools['nvcc'] or 'not on PATH'}   CUDA_HOME: {tools['CUDA_HOME'] or 'not set'}   "
+        f"CUDA toolkit for the extension: {tools['toolkit'] or 'not found'}"
+    )
     ext = info["cuda_extension"]
     lines.append(f"cuda extension: {'available' if ext['available'] else 'unavailable'} ({ext['reason']})")
     lines.append(f"TRITON_INTERPRET: {'on' if info['triton_interpret'] else 'off'}")

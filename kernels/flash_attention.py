@@ -56,6 +56,8 @@ __all__ = [
     "CONFIGS",
     "CONFIGS_FP32",
     "INTERPRETER_CONFIGS",
+    "DECODE_CONFIGS",
+    "DECODE_MAX_SQ",
     "head_dim_bucket",
     "configs_for",
     "forward_plan",
@@ -75,11 +77,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # over BLOCK_M queries. The bucket is the padded head dim max(pow2(D), pow2(Dv), 16).
 #
 # Chosen from triton's compile for sm_80 and sm_90 (shared memory from the compiled kernel,
-# registers and spills from ptxas -v, see _triton_utils.kernel_resources): for 16-bit inputs every
+# registers and spills from the cubin, see _triton_utils.kernel_resources): for 16-bit inputs every
 # config here is spill-free on both at D = bucket, S = 1024, and the first (the default, what runs
 # untuned) also at S = 300 with D = 40, 80, 96; each list holds one that fits the 99 KiB of
 # sm_86 / sm_89. The dK/dV kernel holds dK, dV (fp32) and K, V in registers for its whole loop,
-# so its key tile shrinks as the head dim grows.
+# so its key tile shrinks as the head dim grows. (`fastgpt inspect` found its 4-warp 32x128 tile at
+# 255 registers and spilling at D = 24 on both archs; 8 warps hold the same tile in ~200, no spills.)
 
 C = Config
 CONFIGS: Dict[str, Dict[int, Tuple[Config, ...]]] = {
@@ -91,8 +94,8 @@ CONFIGS: Dict[str, Dict[int, Tuple[Config, ...]]] = {
         256: (C(64, 64, 8, 2), C(64, 32, 8, 2), C(32, 64, 4, 2)),
     },
     "bwd_dkdv": {
-        16: (C(32, 128, 4, 3), C(64, 128, 8, 3), C(32, 64, 4, 2)),
-        32: (C(32, 128, 4, 3), C(64, 128, 8, 3), C(32, 64, 4, 2)),
+        16: (C(32, 128, 8, 3), C(64, 128, 8, 3), C(32, 64, 4, 2)),
+        32: (C(32, 128, 8, 3), C(64, 128, 8, 3), C(32, 64, 4, 2)),
         64: (C(32, 128, 8, 2), C(16, 128, 8, 2), C(32, 64, 4, 2)),
         128: (C(16, 64, 8, 2), C(32, 64, 8, 2), C(32, 32, 4, 2)),
         256: (C(32, 32, 8, 1), C(16, 32, 4, 1)),
@@ -107,7 +110,8 @@ CONFIGS: Dict[str, Dict[int, Tuple[Config, ...]]] = {
 }
 # float32 inputs take exact fp32 dots, which run on CUDA cores (FMA) and hold their operands in
 # registers: small tiles. This path is for exactness, not speed (use 16-bit inputs for speed).
-# A few of these keep <= 40 bytes of ptxas spills (the 16-bit CONFIGS have none).
+# Some dK/dV candidates spill on sm_90 (255 registers; up to 536 B of stack at bucket 64, 112 B at
+# 128; a few bytes on sm_80): `fastgpt inspect` lists them as notes. The 16-bit CONFIGS have none.
 CONFIGS_FP32: Dict[str, Dict[int, Tuple[Config, ...]]] = {
     "fwd": {
         16: (C(32, 32, 4, 2),),
@@ -131,10 +135,22 @@ CONFIGS_FP32: Dict[str, Dict[int, Tuple[Config, ...]]] = {
         256: (C(32, 16, 8, 1), C(16, 16, 4, 1)),
     },
 }
+# Decoding (a few queries over a long KV cache): a 128-row query tile would be 127/128 padding, so
+# forward calls with Sq <= DECODE_MAX_SQ take 16-row tiles ("fwd_decode"; `fastgpt inspect` models
+# 16x64 at the roofline where 128x64 reached 30-58% for one query).
+DECODE_MAX_SQ = 16
+DECODE_CONFIGS: Dict[int, Tuple[Config, ...]] = {
+    16: (C(16, 64, 4, 2), C(16, 128, 4, 2)),
+    32: (C(16, 64, 4, 2), C(16, 128, 4, 2)),
+    64: (C(16, 64, 4, 2), C(16, 128, 4, 2)),
+    128: (C(16, 64, 4, 2), C(16, 32, 4, 3)),
+    256: (C(16, 32, 4, 2), C(16, 64, 4, 1)),
+}
 # The interpreter runs one small config (tuning there would take minutes). BLOCK_M != BLOCK_N on
 # purpose: the CPU tests then cover the causal tile bounds with unequal tiles.
 INTERPRETER_CONFIGS: Dict[str, Config] = {
     "fwd": C(32, 16, 4, 1),
+    "fwd_decode": C(16, 32, 4, 1),
     "bwd_dkdv": C(16, 32, 4, 1),
     "bwd_dq": C(32, 16, 4, 1),
 }
@@ -148,12 +164,16 @@ def head_dim_bucket(d: int, dv: int) -> int:
 
 def configs_for(kernel: str, bucket: int, dtype: torch.dtype = torch.float16,
                 interpreter: Optional[bool] = None) -> Tuple[Config, ...]:
-    """Candidate configs of ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") for a head-dim bucket and the
-    input dtype; the single interpreter config when ``interpreter`` (default: TRITON_INTERPRET is on)."""
+    """Candidate configs of ``kernel`` ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq") for a head-dim
+    bucket and the input dtype; the single interpreter config when ``interpreter`` (default:
+    TRITON_INTERPRET is on). "fwd_decode" is the forward kernel with the short-query tiles."""
     if interpreter if interpreter is not None else interpreter_active():
         return (INTERPRETER_CONFIGS[kernel],)
-    table = CONFIGS_FP32 if dtype == torch.float32 else CONFIGS
-    return table[kernel][bucket]
+    if dtype == torch.float32:
+        return CONFIGS_FP32["fwd" if kernel == "fwd_decode" else kernel][bucket]  # its tiles are small already
+    if kernel == "fwd_decode":
+        return DECODE_CONFIGS[bucket]
+    return CONFIGS[kernel][bucket]
 
 
 def _preprocess_block_m(block_dv: int) -> int:
@@ -626,7 +646,7 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_c
     }
     return LaunchPlan(
         name="fwd", kernel=_attn_fwd_kernel, args=args, constexprs=constexprs,
-        configs=configs_for("fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype),
+        configs=configs_for("fwd_decode" if sq <= DECODE_MAX_SQ else "fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype),
         grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal),
     )
 

@@ -12,10 +12,6 @@ some case) plus every (Sq, Sk) pair under the causal mask; ``test_matrix_covers_
 
 import itertools
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import pytest
@@ -420,55 +416,9 @@ def test_parity_check_catches_planted_bugs(bug, device, monkeypatch):
         check_case(case, device)
 
 
-# --------------------------------------------------------------------------------------------
-# every kernel compiles for real GPU targets (no GPU needed), with no register spills by default
-# --------------------------------------------------------------------------------------------
-
-_COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    from fastgpt.kernels import flash_attention as fa
-    from fastgpt.kernels._triton_utils import compile_plan, kernel_resources
-    results = []
-    for d, dv, dtype in [(40, 40, torch.bfloat16), (8, 24, torch.float32), (128, 128, torch.float16)]:
-        q = torch.empty(2, 4, 300, d, dtype=dtype, device="meta")
-        k = torch.empty(2, 2, 300, d, dtype=dtype, device="meta")
-        v = torch.empty(2, 2, 300, dv, dtype=dtype, device="meta")
-        for plan in fa.example_plans(q, k, v, True, None):
-            config = plan.configs[0]
-            for arch in (80, 90):
-                r = kernel_resources(compile_plan(plan, config, arch), arch)
-                results.append({"kernel": plan.name, "d": d, "dtype": str(dtype), "arch": arch, **r})
-    print(json.dumps(results))
-    """
-)
-
-
-def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
-    """triton.compile for sm_80 and sm_90 in a process without TRITON_INTERPRET (the interpreter
-    accepts code, e.g. a tl.dot smaller than 16, that the GPU compiler rejects): each kernel's default
-    config for an awkward head dim (40, bf16), D < 16 with Dv != D (fp32) and d=128 (fp16), causal.
-    16-bit kernels must not spill and must use tensor-core MMA (warpgroup MMA on sm_90 at d=128)."""
-    pytest.importorskip("triton")
-    import json
-
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("triton's bundled ptxas is missing (triton/backends/nvidia/bin)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 3 * 4 * 2
-    for r in results:
-        if r["dtype"] == "torch.float32":
-            continue  # exact fp32 dots run on CUDA cores; a few tens of spilled bytes are tolerated there
-        assert r.get("spill_stores", 0) == 0, r
-        if r["kernel"] != "bwd_preprocess":
-            assert r.get("hgmma", 0) + r.get("hmma", 0) > 0, f"no tensor-core MMA: {r}"
-        if r["arch"] == 90 and r["kernel"] in ("fwd", "bwd_dq") and r["d"] == 128:
-            assert r.get("hgmma", 0) > 0, f"no Hopper warpgroup MMA on sm_90: {r}"
+# (Every kernel and tuning candidate compiling for sm_80 and sm_90, without spills in the default
+# configs, with tensor-core MMA: tests/test_kernel_report.py, which shares its compiles with
+# `fastgpt inspect` and `fastgpt bench`'s static report.)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,20 +447,32 @@ def test_gpu_long_sequences(case, device):
     check_case(case, device)
 
 
+def test_short_queries_take_the_decode_tiles(device, launches):
+    """Sq <= DECODE_MAX_SQ (a decoding step) runs the forward kernel with its 16-row query tiles."""
+    check_case(Case(sq=3, sk=70, d=64, heads=(4, 2), causal=True, dtype=torch.float16), device)
+    check_case(Case(sq=fa.DECODE_MAX_SQ + 1, sk=70, d=64, heads=(4, 2), causal=True, dtype=torch.float16), device)
+    forwards = [plan for plan in launches if plan.name == "fwd"]
+    bucket = fa.head_dim_bucket(64, 64)
+    assert forwards[0].configs == fa.configs_for("fwd_decode", bucket, torch.float16)
+    assert forwards[-1].configs == fa.configs_for("fwd", bucket, torch.float16)
+    assert all(c.block_m == 16 for c in fa.DECODE_CONFIGS[bucket]), "decode tiles are 16 query rows"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bucket", [16, 32, 64, 128, 256])
-@pytest.mark.parametrize("kernel", ["fwd", "bwd_dkdv", "bwd_dq"])
+@pytest.mark.parametrize("kernel", ["fwd", "fwd_decode", "bwd_dkdv", "bwd_dq"])
 def test_gpu_every_config(kernel, bucket, device, monkeypatch):
     """Each tuning candidate is its own code path: run every one on an awkward shape."""
     from triton.runtime.errors import OutOfResources
 
     d = {16: 16, 32: 24, 64: 40, 128: 96, 256: 256}[bucket]
+    sq = 7 if kernel == "fwd_decode" else 333
     real = fa.configs_for
     for dtype in (torch.bfloat16, torch.float32):
         for config in real(kernel, bucket, dtype, interpreter=False):
             monkeypatch.setattr(fa, "configs_for", lambda name, *a, _c=config, **kw: (_c,) if name == kernel else real(name, *a, **kw))
             try:
-                check_case(Case(sq=333, sk=517, d=d, heads=(4, 2), causal=True, dtype=dtype), device)
+                check_case(Case(sq=sq, sk=517, d=d, heads=(4, 2), causal=True, dtype=dtype), device)
             except OutOfResources:
                 continue  # a candidate larger than this GPU's shared memory: the tuner skips it too
             finally:

@@ -34,7 +34,28 @@ def ops():
     reason = _build_unavailable()
     if reason:
         pytest.skip(reason)
-    return cuda_ext.load()
+    # build as a user who never exported CUDA_HOME would (torch's own guess may then be wrong)
+    saved = os.environ.pop("CUDA_HOME", None)
+    try:
+        return cuda_ext.load()
+    finally:
+        if saved is not None:
+            os.environ["CUDA_HOME"] = saved
+
+
+def test_an_nvcc_wrapper_script_is_not_taken_for_the_toolkit(tmp_path, monkeypatch):
+    """/usr/local/bin/nvcc-style wrappers: the toolkit is the folder that also has the CUDA headers."""
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\nexit 1\n")
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    home = cuda_ext.cuda_home()
+    assert home != tmp_path and home != tmp_path.resolve()
+    if home is not None:
+        assert (home / "include" / "cuda_runtime.h").exists() and (home / "bin" / "nvcc").exists()
 
 
 def test_status_never_compiles(monkeypatch):

@@ -269,6 +269,10 @@ class _Guarded:
                 raise EmulatorError(f"{op}: a kernel overwrote the input {name}")
 
 
+_DRY_RUN_OPS = ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd",
+                "gelu_fwd", "gelu_bwd", "bias_gelu_fwd", "bias_gelu_bwd")
+
+
 class Emulator:
     """The kernels of csrc/ on CPU tensors, with the signatures of the ``cuda`` backend's ops.
 
@@ -301,6 +305,7 @@ class Emulator:
         lib.fastgpt_emu_plant_bug.argtypes = [ctypes.c_int]
         lib.fastgpt_emu_take_error.restype = ctypes.c_char_p
         lib.fastgpt_emu_take_launch_log.restype = ctypes.c_char_p
+        lib.fastgpt_emu_begin_dry_run.argtypes = [ctypes.c_int, ctypes.c_int]
         self.lib = lib
         self.configure()
 
@@ -327,6 +332,70 @@ class Emulator:
         """Kernel launches since the last call: 'kernel<...> grid=(...) block=(...)' each."""
         text = self.lib.fastgpt_emu_take_launch_log().decode()
         return [line for line in text.splitlines() if line]
+
+    def dry_run_launches(
+        self,
+        op: str,
+        rows: int,
+        cols: int,
+        dtype: torch.dtype,
+        *,
+        param_dtype: Optional[torch.dtype] = None,
+        approximate: str = "none",
+        misalign: bool = False,
+        sms: int = 132,
+        threads_per_sm: int = 2048,
+    ) -> Tuple[list[str], int]:
+        """The launches the kernels' C++ launchers make for one call, without running them.
+
+        ``op`` names an op of the ``cuda`` backend (``layer_norm_fwd`` ... ``bias_gelu_bwd``) on x of
+        (rows, cols) in ``dtype``, called as the torch bindings call it (layer norm with weight and
+        bias, and both their gradients; bias + GELU with a (cols,) bias; ``param_dtype`` defaults to
+        ``dtype``). The pointers are fake: 256-byte aligned like the CUDA caching allocator's, or,
+        with ``misalign``, x and the gradient flowing in sit one element past that (a view). The
+        device has ``sms`` SMs of ``threads_per_sm`` threads (default: an H100). Returns the launch
+        log (as :meth:`take_launches`) and the workspace bytes the op would allocate.
+        """
+        if op not in _DRY_RUN_OPS:
+            raise ValueError(f"dry_run_launches: op must be one of {', '.join(_DRY_RUN_OPS)}; got {op!r}")
+        e = torch.empty((), dtype=dtype).element_size()
+        fake = iter(range(1 << 40, 1 << 41, 1 << 34))  # distinct, 256-byte aligned, never dereferenced
+
+        def ptr(shifted: bool = False) -> int:
+            return next(fake) + (e if shifted and misalign else 0)
+
+        fg, pd = FG_DTYPES[dtype], FG_DTYPES[param_dtype or dtype]
+        if op.startswith(("layer_norm", "add_layer_norm")):
+            residual = op.startswith("add_")
+            if op.endswith("_fwd"):
+                args = _LayerNormFwdArgs(rows, cols, fg, pd, 1e-5, ptr(True), ptr(True) if residual else None, ptr(), ptr(),
+                                         ptr(), ptr() if residual else None, ptr(), ptr())  # fmt: skip
+                entry, size_fn = "fastgpt_layer_norm_fwd", None
+            else:
+                args = _LayerNormBwdArgs(rows, cols, fg, pd, pd, ptr(True), ptr(), ptr(), ptr(), ptr(),
+                                         ptr(True) if residual else None, ptr(), ptr(), ptr(), None)  # fmt: skip
+                entry, size_fn = "fastgpt_layer_norm_bwd", "fastgpt_layer_norm_bwd_workspace_size"
+        else:
+            bias = op.startswith("bias_")
+            bwd = op.endswith("_bwd")
+            shape = (rows, cols) if bias else (1, rows * cols)  # gelu sees one flat row (as bindings.cpp passes it)
+            args = _GeluArgs(*shape, fg, pd, FG_APPROXIMATE[approximate], ptr(True), ptr() if bias else None,
+                             ptr(True) if bwd else None, ptr(), ptr() if bias and bwd else None, None)  # fmt: skip
+            entry = f"fastgpt_{op}"
+            size_fn = "fastgpt_bias_gelu_bwd_workspace_size" if bias and bwd else None
+        self.take_launches()
+        self.lib.fastgpt_emu_begin_dry_run(sms, threads_per_sm)
+        try:  # the workspace size depends on the device too (partial rows per SM)
+            workspace = int(getattr(self.lib, size_fn)(ctypes.byref(args))) if size_fn else 0
+            if workspace:
+                args.workspace = ptr()
+            rc = getattr(self.lib, entry)(ctypes.byref(args), None)
+        finally:
+            self.lib.fastgpt_emu_end_dry_run()
+        message = self.lib.fastgpt_emu_take_error().decode()
+        if rc != 0 or message:
+            raise EmulatorError(f"{entry} (dry run) returned cudaError {rc}: {message or 'invalid argument'}")
+        return self.take_launches(), workspace
 
     def _call(self, name: str, args, guarded: _Guarded) -> None:
         rc = getattr(self.lib, name)(ctypes.byref(args), None)

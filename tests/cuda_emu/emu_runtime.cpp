@@ -198,6 +198,8 @@ Thread* g_thread = nullptr;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_error_message;
 std::vector<std::string> g_launch_log;
+bool g_dry_run = false;
+Device g_saved_device;
 
 std::string format(const char* fmt, ...) {
   char buf[1024];
@@ -479,6 +481,7 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t dynamic_smem, Entr
     g_launch_log.push_back(format("%s grid=(%u,%u,%u) block=(%u,%u,%u)", short_name(kernel).c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z));
   if (g_last_error != cudaSuccess) return;  // a sticky error: later launches of the call do not run
   if (!valid_launch(r, dynamic_smem)) return;
+  if (g_dry_run) return;  // logged and checked; no thread runs (the pointers may be fake)
   const int n = static_cast<int>(block.x * block.y * block.z);
   r.threads.assign(n, Thread{});
   r.warps.assign((n + 31) / 32, Warp{});
@@ -561,6 +564,24 @@ EMU_EXPORT const char* fastgpt_emu_take_error() {
   emu::g_error_message.clear();
   emu::g_last_error = cudaSuccess;
   return message.c_str();
+}
+
+// Dry run (for the static kernel report): until fastgpt_emu_end_dry_run, launches are logged and
+// checked (block and grid sizes) but run no thread, so the entry points can be called with fake,
+// never dereferenced pointers; the launchers see a device of `sms` SMs with `threads_per_sm`
+// resident threads each (e.g. an H100's 132 and 2048). The end restores the configured device.
+EMU_EXPORT void fastgpt_emu_begin_dry_run(int sms, int threads_per_sm) {
+  std::lock_guard<std::mutex> lock(emu::g_launch_mutex);
+  if (!emu::g_dry_run) emu::g_saved_device = emu::g_device;
+  emu::g_dry_run = true;
+  emu::g_device.sms = sms;
+  emu::g_device.threads_per_sm = threads_per_sm;
+}
+
+EMU_EXPORT void fastgpt_emu_end_dry_run() {
+  std::lock_guard<std::mutex> lock(emu::g_launch_mutex);
+  if (emu::g_dry_run) emu::g_device = emu::g_saved_device;
+  emu::g_dry_run = false;
 }
 
 // The launches since the last call, one line each ("kernel grid=(...) block=(...)"), newline-separated.
