@@ -244,6 +244,35 @@ __device__ __forceinline__ void write_param_partials(float (&accw)[VPT][VEC], fl
   }
 }
 
+// The per-pack math of the backward, shared by the register-resident and the multi-pass kernels.
+// With g = dy * weight and xhat = (x - mean) * rstd: the row sums of g and g * xhat,
+template <int VEC>
+__device__ __forceinline__ void ln_bwd_row_sums(const float (&xv)[VEC], const float (&gv)[VEC], const float (&wv)[VEC],
+                                                float mean, float rstd, float (&acc)[2]) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const float gw = gv[j] * wv[j];
+    acc[0] += gw;
+    acc[1] += gw * (xv[j] - mean) * rstd;
+  }
+}
+
+// and, from their means, dx = dsum + rstd * (g - mean(g) - xhat * mean(g * xhat)) (dsum: add + layer
+// norm's gradient of the sum, or none).
+template <typename T, int VEC>
+__device__ __forceinline__ void ln_bwd_dx(const float (&xv)[VEC], const float (&gv)[VEC], const float (&wv)[VEC],
+                                          const T* __restrict__ dsum, float mean, float rstd, float mean_g,
+                                          float mean_gx, float (&o)[VEC]) {
+  if (dsum != nullptr) {
+    load_pack<T, VEC>(dsum, o);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o[j] = 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) o[j] += rstd * (gv[j] * wv[j] - mean_g - (xv[j] - mean) * rstd * mean_gx);
+}
+
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * weight, xhat = (x - mean) * rstd;
 // plus dsum when given. pw/pb (gridDim.x rows of n floats) get the block's dweight/dbias partials.
 // (The scalar path holds 8 elements per thread and may take up to 1024 threads per row.)
@@ -286,12 +315,7 @@ __global__ void __launch_bounds__(bwd_block_threads<VEC>(), 1) layer_norm_bwd_ke
         load_param<P, VEC>(w, c, 1.f, wv);
         unpack<T, VEC>(xr[i], xv);
         unpack<T, VEC>(gr[i], gv);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float gw = gv[j] * wv[j];
-          acc[0] += gw;
-          acc[1] += gw * (xv[j] - mean) * rstd;
-        }
+        ln_bwd_row_sums<VEC>(xv, gv, wv, mean, rstd, acc);
       }
     }
     red.allreduce(acc);
@@ -306,17 +330,10 @@ __global__ void __launch_bounds__(bwd_block_threads<VEC>(), 1) layer_norm_bwd_ke
         unpack<T, VEC>(xr[i], xv);
         unpack<T, VEC>(gr[i], gv);
         load_param<P, VEC>(w, c, 1.f, wv);
-        if (dsum != nullptr) {
-          load_pack<T, VEC>(dsum + off + c, o);
-        } else {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) o[j] = 0.f;
-        }
+        ln_bwd_dx<T, VEC>(xv, gv, wv, dsum != nullptr ? dsum + off + c : nullptr, mean, rstd, mean_g, mean_gx, o);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float xh = (xv[j] - mean) * rstd;
-          o[j] += rstd * (gv[j] * wv[j] - mean_g - xh * mean_gx);
-          accw[i][j] += gv[j] * xh;
+          accw[i][j] += gv[j] * ((xv[j] - mean) * rstd);
           accb[i][j] += gv[j];
         }
         store_pack<T, VEC>(dx + off + c, o);
@@ -350,12 +367,7 @@ __global__ void __launch_bounds__(kBigThreads) layer_norm_bwd_big_kernel(const F
       load_pack<T, VEC>(x + off + c, xv);
       load_pack<T, VEC>(dy + off + c, gv);
       load_param<P, VEC>(w, c, 1.f, wv);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float gw = gv[j] * wv[j];
-        acc[0] += gw;
-        acc[1] += gw * (xv[j] - mean) * rstd;
-      }
+      ln_bwd_row_sums<VEC>(xv, gv, wv, mean, rstd, acc);
     }
     red.allreduce(acc);
     const float mean_g = acc[0] / fn;
@@ -365,14 +377,7 @@ __global__ void __launch_bounds__(kBigThreads) layer_norm_bwd_big_kernel(const F
       load_pack<T, VEC>(x + off + c, xv);
       load_pack<T, VEC>(dy + off + c, gv);
       load_param<P, VEC>(w, c, 1.f, wv);
-      if (dsum != nullptr) {
-        load_pack<T, VEC>(dsum + off + c, o);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) o[j] = 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) o[j] += rstd * (gv[j] * wv[j] - mean_g - (xv[j] - mean) * rstd * mean_gx);
+      ln_bwd_dx<T, VEC>(xv, gv, wv, dsum != nullptr ? dsum + off + c : nullptr, mean, rstd, mean_g, mean_gx, o);
       store_pack<T, VEC>(dx + off + c, o);
     }
   }
