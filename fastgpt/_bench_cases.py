@@ -11,7 +11,7 @@ same thing the same way. Three families:
   the reference path against the torch function it wraps, on the host clock, to measure what fastgpt's
   validation and dispatch add per call.
 * **GPT training steps** (:func:`prepare_gpt_step`): ``fastgpt.GPT`` against the same model built from
-  plain torch modules (:class:`PlainGPT`, nanoGPT's code), eager and compiled.
+  plain torch modules (:class:`fastgpt._nanogpt.NanoGPT`, nanoGPT's code), eager and compiled.
 
 Before anything is timed, :func:`prepare` runs the implementation once and compares its outputs (and
 gradients) with torch's own result: a benchmark that compares different computations fails instead of
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgpt import _timing, backends
+from fastgpt._nanogpt import NanoGPT
 
 __all__ = [
     "OPS",
@@ -52,7 +53,6 @@ __all__ = [
     "dispatch_cases",
     "dispatch_pair",
     "dispatch_work_case",
-    "PlainGPT",
     "GPT2_124M",
     "GPT_CPU_SMALL",
     "prepare_gpt_step",
@@ -858,90 +858,12 @@ def check_dispatch_pair(case: DispatchCase, torch_call: Callable[[], object], fa
 
 
 # --------------------------------------------------------------------------------------------
-# GPT: nanoGPT written with plain torch modules (the peer of fastgpt.GPT), and a training step
+# GPT training steps: fastgpt.GPT against nanoGPT's plain-torch model (fastgpt._nanogpt)
 # --------------------------------------------------------------------------------------------
 
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True)
 # nanoGPT's CPU example (config/train_shakespeare_char.py with the README's CPU overrides)
 GPT_CPU_SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=True)
-
-
-class _PlainAttention(nn.Module):
-    def __init__(self, cfg) -> None:
-        super().__init__()
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c)))
-
-
-class _PlainMLP(nn.Module):
-    def __init__(self, cfg) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate=getattr(cfg, "gelu_approximate", "none"))
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class _PlainBlock(nn.Module):
-    def __init__(self, cfg) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = _PlainAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = _PlainMLP(cfg)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class PlainGPT(nn.Module):
-    """nanoGPT's GPT with torch.nn.LayerNorm, torch.nn.GELU and torch's SDPA: fastgpt.GPT's peer.
-
-    Same parameter names as fastgpt.GPT (and nanoGPT), so ``load_state_dict(gpt.state_dict())``
-    gives both the same weights. ``cfg`` is a fastgpt.GPTConfig (or anything with its fields).
-    """
-
-    def __init__(self, cfg) -> None:
-        super().__init__()
-        self.config = cfg
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-                drop=nn.Dropout(cfg.dropout),
-                h=nn.ModuleList([_PlainBlock(cfg) for _ in range(cfg.n_layer)]),
-                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-            )
-        )
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight
-
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        t = idx.shape[1]
-        pos = torch.arange(t, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-
-
 GPT_IMPLS = ("fastgpt", "fastgpt-compile", "torch-eager", "torch-compile")
 
 
@@ -996,7 +918,7 @@ def prepare_gpt_step(
     """Build ``impl`` (``fastgpt``, ``fastgpt-compile``, ``torch-eager``, ``torch-compile``) of a GPT.
 
     Every implementation starts from the same weights (fastgpt.GPT initialised with ``seed``, copied
-    into :class:`PlainGPT`) and the same batch. A step is forward (under autocast to ``amp_dtype``
+    into the plain-torch :class:`fastgpt._nanogpt.NanoGPT`) and the same batch. A step is forward (under autocast to ``amp_dtype``
     when given), backward, and with ``optimizer`` an AdamW step (fused on CUDA) and zero_grad.
     fastgpt runs with ``use_backend("auto", strict=True)``: on CUDA tensors every op must get its
     GPU kernel or the step raises (reported Unavailable); on CPU tensors ``use_backend("reference")``.
@@ -1011,7 +933,7 @@ def prepare_gpt_step(
     model: nn.Module = mod.GPT(cfg)
     n_params = model.get_num_params()
     if impl.startswith("torch"):
-        plain = PlainGPT(cfg)
+        plain = NanoGPT(cfg)
         plain.load_state_dict(model.state_dict())
         model = plain
     model = model.to(device).train()
