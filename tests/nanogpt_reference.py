@@ -34,3 +34,25 @@ def check_model_parity(name, model, base, ref, run, dtype=None):
         assert g is not None, f"{name}: {key} got no gradient"
         checked.append(assert_parity(f"{name} grad {key}", g, rgrads[key], bgrads[key], gradient=True))
     return checked
+
+
+def check_compiled_matches_eager(model, idx, targets, *, backend="inductor", atol=1e-5):
+    """torch.compile(model, fullgraph=True): logits, loss and every parameter's gradient equal eager's.
+
+    ``backend="aot_eager"`` traces forward and backward without generating code (fast). Compares with
+    rtol 1e-5 and ``atol``.
+    """
+    import torch
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+    logits, loss = compiled(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    eager_logits, eager_loss = model(idx, targets)
+    eager_loss.backward()
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=atol)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=atol, msg=n)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from nanogpt_reference import RefConfig, RefGPT, check_model_parity
+from nanogpt_reference import RefConfig, RefGPT, check_compiled_matches_eager, check_model_parity
 
 import fastgpt
 from fastgpt import GPT, GPTConfig
@@ -255,19 +255,8 @@ def test_from_hf_rejects_what_gpt_cannot_represent():
 @pytest.mark.slow
 def test_compile_fullgraph_traces_gpt_forward_and_backward():
     """No graph break in fastgpt.GPT (fused ops included); aot_eager runs the traced graph without codegen."""
-    torch._dynamo.reset()
     _, gpt = ref_and_gpt(n_layer=1)
-    idx, targets = tokens(2, 9), tokens(2, 9, seed=1)
-    compiled = torch.compile(gpt, fullgraph=True, dynamic=False, backend="aot_eager")
-    _, loss = compiled(idx, targets)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in gpt.named_parameters()}
-    gpt.zero_grad()
-    _, eager_loss = gpt(idx, targets)
-    eager_loss.backward()
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
-    for n, p in gpt.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+    check_compiled_matches_eager(gpt, tokens(2, 9), tokens(2, 9, seed=1), backend="aot_eager", atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import pytest
 import torch
 from nanogpt_reference import CausalSelfAttention as RefAttention
 from nanogpt_reference import LayerNorm as RefLayerNorm
-from nanogpt_reference import RefConfig, RefGPT, check_model_parity
+from nanogpt_reference import RefConfig, RefGPT, check_compiled_matches_eager, check_model_parity
 
 import fastgpt
 from fastgpt import BackendUnavailableError, FallbackWarning
@@ -234,20 +234,9 @@ def test_patched_nanogpt_runs_under_cpu_bf16_autocast():
 @pytest.mark.slow
 def test_compile_fullgraph_patched_model_matches_eager():
     """Inductor, forward and backward, on a patched nanoGPT model (one cold compile: ~30 s on 2 cores)."""
-    torch._dynamo.reset()
     model = nanogpt(n_layer=1)
     fastgpt.patch(model)
-    idx, targets = tokens(2, 9), tokens(2, 9, seed=1)
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    logits, loss = compiled(idx, targets)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    eager_logits, eager_loss = model(idx, targets)
-    eager_loss.backward()
-    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-5, msg=n)
+    check_compiled_matches_eager(model, tokens(2, 9), tokens(2, 9, seed=1))
 
 
 def test_triton_attention_kernel_serves_a_patched_model_under_the_interpreter():
