@@ -330,17 +330,6 @@ def _init_distributed(device_arg: Optional[str]):
     return d, device
 
 
-def _param_digest(model) -> str:
-    """sha256 over every parameter's bytes: equal digests on all ranks mean DDP kept them identical."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class _Log:
     """log.jsonl on rank 0; on resume, entries after the checkpoint's step are dropped (they will be redone)."""
 
@@ -535,7 +524,8 @@ def _train(args, d: Dist, device, torch, GPT, GPTConfig) -> Dict[str, Any]:
     summary = {"step": args.max_steps, "loss": last_loss, "out_dir": str(out_dir)}
     if d.world_size > 1:
         digests: List[Any] = [None] * d.world_size
-        torch.distributed.all_gather_object(digests, _param_digest(raw_model))
+        # equal digests of every parameter's bytes on all ranks: DDP kept them identical
+        torch.distributed.all_gather_object(digests, content_digest(raw_model.state_dict()))
         summary["ranks_in_sync"] = len(set(digests)) == 1
         log.write({"step": args.max_steps, "param_digests": digests, "ranks_in_sync": summary["ranks_in_sync"]})
         if not summary["ranks_in_sync"]:
