@@ -150,6 +150,17 @@ def test_sdpa_three_dim_input_and_explicit_scale():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.7))
 
 
+def test_sdpa_fallback_with_a_mask_keeps_grouped_query_heads():
+    """A dense mask with GQA: query head h attends with kv head h // (Hq // Hk), as without a mask."""
+    q, k, v = _randn(1, 4, 6, 8, seed=23), _randn(1, 2, 6, 8, seed=24), _randn(1, 2, 6, 8, seed=25)
+    mask = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[:, 0] = True
+    with fastgpt.use_backend("reference"):
+        out = fastgpt.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_sdpa_with_mask_or_dropout_runs_torch_with_our_semantics():
     q, k, v = _randn(1, 2, 6, 8, seed=19), _randn(1, 2, 6, 8, seed=20), _randn(1, 2, 6, 8, seed=21)
     mask = torch.rand(6, 6, generator=torch.Generator().manual_seed(0)) > 0.3

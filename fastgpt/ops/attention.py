@@ -217,6 +217,15 @@ def _check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, *, allow_gqa: bool, gqa
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=
 
 
+def _torch_sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """torch's SDPA on fastgpt's GQA layout: enable_gqa where torch has it (>= 2.5), else repeated k/v."""
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_HAS_GQA:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+        k, v = reference._expand_kv(k, q.shape[1]), reference._expand_kv(v, q.shape[1])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def _torch_sdpa_shortcut(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Optional[Tensor]:
     """torch's own SDPA for an eager call the reference serves with torch's semantics, else None.
 
@@ -228,13 +237,7 @@ def _torch_sdpa_shortcut(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale
         return None
     if k.numel() == 0 or not reference_serves("attention", q, _kernel_constraint(q, k, v)):
         return None
-    causal = is_causal and sq == sk and sq > 1
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if q.shape[1] != k.shape[1]:
-        if _SDPA_HAS_GQA:
-            return sdpa(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
-        k, v = reference._expand_kv(k, q.shape[1]), reference._expand_kv(v, q.shape[1])
-    return sdpa(q, k, v, is_causal=causal, scale=scale)
+    return _torch_sdpa(q, k, v, is_causal=is_causal and sq == sk and sq > 1, scale=scale)
 
 
 def _default_scale(scale: Optional[float], d: int) -> float:
@@ -247,18 +250,15 @@ def _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason
         requested = backends.requested_backend()
         if requested != "reference":
             backends.report_fallback("attention", "triton" if requested == "auto" else requested, reason)
-    hq = q.shape[1]
-    k, v = reference._expand_kv(k, hq), reference._expand_kv(v, hq)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
     if not is_causal:
-        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        return _torch_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     sq, sk = q.shape[2], k.shape[2]
     if sq > sk:
         # the first sq - sk rows see no key: zeros, and the rest is a square causal problem
-        tail = sdpa(q[:, :, sq - sk :], k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        tail = _torch_sdpa(q[:, :, sq - sk :], k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         head = tail.new_zeros(*tail.shape[:2], sq - sk, tail.shape[-1])
         return torch.cat([head, tail], dim=2)
-    return sdpa(q, k, v, attn_mask=reference.causal_mask(sq, sk, q.device), dropout_p=dropout_p, scale=scale)
+    return _torch_sdpa(q, k, v, attn_mask=reference.causal_mask(sq, sk, q.device), dropout_p=dropout_p, scale=scale)
 
 
 # --------------------------------------------------------------------------------------------
