@@ -306,6 +306,22 @@ def causal_prefix_length(mask: Tensor, sq: int, sk: int) -> Optional[int]:
     return length if bool((mask == want).all()) else None
 
 
+# transformers hands the same mask object to every layer of one forward: read it (a device sync) once.
+# (weak reference to the mask, its version counter, (Sq, Sk)) -> causal_prefix_length's answer
+_last_mask: Tuple[Optional["weakref.ref[Tensor]"], int, Tuple[int, int], Optional[int]] = (None, -1, (0, 0), None)
+
+
+def _mask_prefix_length(mask: Tensor, sq: int, sk: int) -> Optional[int]:
+    """causal_prefix_length, remembered for the last mask seen while it is unchanged."""
+    global _last_mask
+    ref, version, shape, length = _last_mask
+    if ref is not None and ref() is mask and version == mask._version and shape == (sq, sk):
+        return length
+    length = causal_prefix_length(mask, sq, sk)
+    _last_mask = (weakref.ref(mask), mask._version, (sq, sk), length)
+    return length
+
+
 def hf_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -340,7 +356,7 @@ def hf_attention_forward(
         # prefill (it builds the mask otherwise): the keys past the queries are unwritten slots
         key, value = key[:, :, :sq], value[:, :, :sq]
     elif attention_mask is not None and not is_compiling():
-        length = causal_prefix_length(attention_mask, sq, sk)
+        length = _mask_prefix_length(attention_mask, sq, sk)
         if length is not None:  # a causal mask after all (cached keys, static cache slots)
             attention_mask, causal = None, True
             key, value = key[:, :, :length], value[:, :, :length]

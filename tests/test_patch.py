@@ -412,3 +412,20 @@ def test_gpu_patched_hf_gpt2_matches_within_parity(device, dtype):
     fastgpt.patch(model)
     check_model_parity(f"GPU patched HF GPT-2 {dtype}", model, base.to(device, dtype), ref, hf_run(tokens(2, 200, vocab=96).to(device)))
     assert backends.last_choice("attention").backend == "triton"
+
+
+def test_one_mask_is_read_once_per_forward_not_once_per_layer(monkeypatch):
+    """transformers passes one mask object to every layer: fastgpt inspects it (a GPU sync) once."""
+    from fastgpt import patching
+
+    calls = []
+    real = patching.causal_prefix_length
+    monkeypatch.setattr(patching, "causal_prefix_length", lambda *a: calls.append(a) or real(*a))
+    mask = torch.ones(3, 5, dtype=torch.bool).tril(diagonal=2)[None, None]
+    assert [patching._mask_prefix_length(mask, 3, 5) for _ in range(4)] == [5] * 4
+    assert len(calls) == 1
+    mask[..., -1] = False  # changed in place: read again
+    assert patching._mask_prefix_length(mask, 3, 5) is None and len(calls) == 2
+    other = mask.clone()  # another tensor, even with equal values: read again
+    patching._mask_prefix_length(other, 3, 5)
+    assert len(calls) == 3
