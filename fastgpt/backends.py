@@ -324,10 +324,14 @@ def explain(as_dict: bool = False, device: Optional[torch.device | str] = None):
         return plan
     strict = "on" if strict_mode() else "off"
     print(f"fastgpt backends for {dev} tensors (requested: {requested_backend()}, strict: {strict})")
-    width = max(len(op) for op in plan)
-    for op, row in plan.items():
-        print(f"  {op:<{width}}  {row['backend']:<9}  {row['reason']}")
+    print("\n".join(format_plan(plan)))
     return None
+
+
+def format_plan(plan: Dict[str, Dict]) -> List[str]:
+    """The lines of explain()'s table (``explain(as_dict=True)`` in, one indented line per op out)."""
+    width = max(len(op) for op in plan)
+    return [f"  {op:<{width}}  {row['backend']:<9}  {row['reason']}" for op, row in plan.items()]
 
 
 def tool_status() -> Dict[str, Optional[str]]:

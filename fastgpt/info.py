@@ -56,6 +56,8 @@ def collect() -> Dict[str, Any]:
 
 
 def format_text(info: Dict[str, Any]) -> str:
+    from fastgpt import backends
+
     lines = [
         f"fastgpt {info['fastgpt']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})"
         f"  triton {info['triton']}  transformers {info['transformers']}",
@@ -75,9 +77,7 @@ def format_text(info: Dict[str, Any]) -> str:
     lines.append(f"cuda extension: {'available' if ext['available'] else 'unavailable'} ({ext['reason']})")
     lines.append(f"TRITON_INTERPRET: {'on' if info['triton_interpret'] else 'off'}")
     lines.append(f"backends (requested: {info['requested_backend']}, strict: {'on' if info['strict'] else 'off'}):")
-    width = max(len(op) for op in info["ops"])
-    for op, row in info["ops"].items():
-        lines.append(f"  {op:<{width}}  {row['backend']:<9}  {row['reason']}")
+    lines += backends.format_plan(info["ops"])
     return "\n".join(lines)
 
 
