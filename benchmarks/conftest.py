@@ -43,7 +43,8 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 from fastgpt import _bench_cases as bc  # noqa: E402
-from fastgpt import _timing, backends  # noqa: E402
+from fastgpt import _timing  # noqa: E402
+from fastgpt.testing import reset_backend_state  # noqa: E402
 
 NO_CUDA_REASON = "no CUDA device (torch.cuda.is_available() is False)"
 TRUTH = (
@@ -108,9 +109,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True)
 def _fresh_backend_state(monkeypatch):
     """Benchmarks choose their backend explicitly; the environment must not change it."""
-    monkeypatch.delenv("FASTGPT_BACKEND", raising=False)
-    monkeypatch.delenv("FASTGPT_STRICT", raising=False)
-    backends.reset_warnings()
+    reset_backend_state(monkeypatch)
     yield
 
 

@@ -181,3 +181,13 @@ def attention_oracle(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
     s = torch.where(has_key, s, torch.zeros((), dtype=s.dtype, device=s.device))
     p = torch.softmax(s, dim=-1) * has_key
     return torch.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+def reset_backend_state(monkeypatch) -> None:
+    """For test fixtures: auto dispatch, strict off (FASTGPT_BACKEND / FASTGPT_STRICT unset through
+    pytest's ``monkeypatch``), and no fallback already reported."""
+    from fastgpt import backends
+
+    monkeypatch.delenv("FASTGPT_BACKEND", raising=False)
+    monkeypatch.delenv("FASTGPT_STRICT", raising=False)
+    backends.reset_warnings()

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastgpt import backends  # noqa: E402
+from fastgpt.testing import reset_backend_state  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -38,9 +39,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_backend_state(monkeypatch):
     """Each test starts with auto dispatch, strict off, and no fallback already reported."""
-    monkeypatch.delenv("FASTGPT_BACKEND", raising=False)
-    monkeypatch.delenv("FASTGPT_STRICT", raising=False)
-    backends.reset_warnings()
+    reset_backend_state(monkeypatch)
     yield
     backends.reset_warnings()
 
