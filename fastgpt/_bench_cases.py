@@ -772,72 +772,35 @@ def dispatch_cases(sizes: Sequence[str] = ("tiny", "small", "realistic"), ops: S
 def dispatch_pair(case: DispatchCase, seed: int = 0) -> Tuple[Callable[[], object], Callable[[], object]]:
     """(torch call, fastgpt call): zero-argument closures over the same float32 CPU tensors.
 
-    The caller runs the fastgpt one inside ``use_backend("reference", strict=True)``. "fwd-nograd"
-    calls the op under ``torch.no_grad()``; "fwd+bwd" runs the forward with inputs that require grad
-    and ``torch.autograd.grad`` of the outputs (no .grad accumulation, the same for both).
+    The torch call is the function fastgpt wraps (:func:`_expected_fn`: F.layer_norm, F.gelu, torch's
+    SDPA, ...), the fastgpt call the public op (:func:`_fastgpt_fn`), on :func:`_inputs` of the case's
+    work shape. The caller runs the fastgpt one inside ``use_backend("reference", strict=True)``.
+    "fwd-nograd" calls the op under ``torch.no_grad()``; "fwd+bwd" runs the forward with inputs that
+    require grad and ``torch.autograd.grad`` of the outputs (no .grad accumulation, the same for both).
     """
-    import fastgpt
+    work = dispatch_work_case(case)
+    cpu = torch.device("cpu")
+    inputs, upstream = _inputs(work, cpu, seed)
+    torch_op, fast_op = _expected_fn(work, cpu), _fastgpt_fn(work)
+    if case.mode != "fwd+bwd":
+        inputs = [t.detach() for t in inputs]
 
-    g = torch.Generator().manual_seed(seed)
-    grad = case.mode == "fwd+bwd"
-
-    def randn(*shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
-        return (torch.randn(*shape, generator=g) * scale + shift).requires_grad_(grad)
-
-    dims = case.dims
-    if case.op == "attention":
-        q, k, v = randn(*dims), randn(*dims), randn(*dims)
-        inputs = [q, k, v]
-        torch_fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-        fast_fn = lambda: fastgpt.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-    else:
-        m, n = dims
-        x = randn(m, n)
-        if case.op == "layer_norm":
-            w, b = randn(n, scale=0.1, shift=1.0), randn(n, scale=0.1)
-            inputs = [x, w, b]
-            torch_fn = lambda: F.layer_norm(x, (n,), w, b)  # noqa: E731
-            fast_fn = lambda: fastgpt.layer_norm(x, (n,), w, b)  # noqa: E731
-        elif case.op == "add_layer_norm":
-            r, w, b = randn(m, n), randn(n, scale=0.1, shift=1.0), randn(n, scale=0.1)
-            inputs = [x, r, w, b]
-
-            def torch_fn():
-                s = x + r
-                return F.layer_norm(s, (n,), w, b), s
-
-            fast_fn = lambda: fastgpt.add_layer_norm(x, r, w, b)  # noqa: E731
-        elif case.op == "gelu":
-            inputs = [x]
-            torch_fn = lambda: F.gelu(x)  # noqa: E731
-            fast_fn = lambda: fastgpt.gelu(x)  # noqa: E731
-        elif case.op == "bias_gelu":
-            b = randn(n, scale=0.1)
-            inputs = [x, b]
-            torch_fn = lambda: F.gelu(x + b)  # noqa: E731
-            fast_fn = lambda: fastgpt.bias_gelu(x, b)  # noqa: E731
-        else:
-            raise ValueError(f"unknown op {case.op!r}")
-    if not grad:
-
-        def nograd(fn: Callable[[], object]) -> Callable[[], object]:
+        def nograd(op: Callable) -> Callable[[], object]:
             def call():
                 with torch.no_grad():
-                    return fn()
+                    return op(*inputs)
 
             return call
 
-        return nograd(torch_fn), nograd(fast_fn)
-    with torch.no_grad():
-        upstream = [torch.randn(o.shape, generator=g) for o in _as_tuple(torch_fn())]
+        return nograd(torch_op), nograd(fast_op)
 
-    def with_backward(fn: Callable[[], object]) -> Callable[[], object]:
+    def with_backward(op: Callable) -> Callable[[], object]:
         def call():
-            return torch.autograd.grad(_as_tuple(fn()), inputs, upstream)
+            return torch.autograd.grad(_as_tuple(op(*inputs)), inputs, upstream)
 
         return call
 
-    return with_backward(torch_fn), with_backward(fast_fn)
+    return with_backward(torch_op), with_backward(fast_op)
 
 
 def check_dispatch_pair(case: DispatchCase, torch_call: Callable[[], object], fast_call: Callable[[], object]) -> float:

@@ -68,61 +68,31 @@ def static_report_hook(quick: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _parity_inputs(op: str, device, dtype, tiny: bool):
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device).requires_grad_(True)
-
-    if op == "attention":
-        b, h, s, d = (1, 2, 17, 16) if tiny else (2, 4, 113, 64)
-        return [r(b, h, s, d), r(b, h, s, d), r(b, h, s, d)]
-    m, n = (33, 96) if tiny else (1000, 768)
-    if op == "layer_norm":
-        return [r(m, n), r(n, scale=0.1, shift=1.0), r(n, scale=0.1)]
-    if op == "add_layer_norm":
-        return [r(m, n), r(m, n), r(n, scale=0.1, shift=1.0), r(n, scale=0.1)]
-    if op == "gelu":
-        return [r(m, 4 * n if not tiny else n)]
-    return [r(m, 4 * n if not tiny else n), r(4 * n if not tiny else n, scale=0.1)]
-
-
-def _parity_fns(op: str):
-    import torch.nn.functional as F
-
-    import fastgpt
-    from fastgpt import testing
-
-    if op == "attention":
-        return (
-            lambda q, k, v: fastgpt.scaled_dot_product_attention(q, k, v, is_causal=True),
-            lambda q, k, v: testing.attention_oracle(q, k, v, True, q.shape[-1] ** -0.5),
-        )
-    if op == "layer_norm":
-        return (lambda x, w, b: fastgpt.layer_norm(x, (x.shape[-1],), w, b), lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b))
-    if op == "add_layer_norm":
-
-        def plain(x, r, w, b):
-            s = x + r
-            return F.layer_norm(s, (s.shape[-1],), w, b), s
-
-        return (lambda x, r, w, b: fastgpt.add_layer_norm(x, r, w, b), plain)
-    if op == "gelu":
-        return (lambda x: fastgpt.gelu(x), lambda x: F.gelu(x))
-    return (lambda x, b: fastgpt.bias_gelu(x, b), lambda x, b: F.gelu(x + b))
+# (tiny, default) shapes of the parity check: lengths and widths that are not multiples of a block
+_PARITY_DIMS = {
+    "attention": (("B", "H", "S", "D"), (1, 2, 17, 16), (2, 4, 113, 64)),
+    "layer_norm": (("M", "N"), (33, 96), (1000, 768)),
+    "add_layer_norm": (("M", "N"), (33, 96), (1000, 768)),
+    "gelu": (("M", "N"), (33, 96), (1000, 3072)),
+    "bias_gelu": (("M", "N"), (33, 96), (1000, 3072)),
+}
 
 
 def run_parity(op: str, backend: str, device, dtype, *, tiny: bool = False) -> dict:
     """The DESIGN.md parity rule (fastgpt.testing.check_against_torch) for ``op`` on ``backend``, strict."""
     from fastgpt import backends, testing
 
-    fn, torch_fn = _parity_fns(op)
+    from fastgpt import _bench_cases as bc
+
+    names, tiny_dims, dims = _PARITY_DIMS[op]
+    # the same op formulations and inputs as the benchmarks (causal attention: Sq == Sk, so torch's
+    # mask is fastgpt's); check_against_torch rounds the float32 inputs to ``dtype``
+    case = bc.OpCase(op, "fwd+bwd", tuple(zip(names, tiny_dims if tiny else dims)), "float32", causal=True)
+    inputs, _ = bc._inputs(case, device)
     row = {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
     try:
         with backends.use_backend(backend, strict=True):
-            results = testing.check_against_torch(op, fn, torch_fn, _parity_inputs(op, device, dtype, tiny), dtype)
+            results = testing.check_against_torch(op, bc._fastgpt_fn(case), bc._torch_fn(case, device), inputs, dtype)
     except backends.BackendUnavailableError as exc:
         return {**row, "ok": None, "unavailable": str(exc)}
     except AssertionError as exc:
