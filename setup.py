@@ -30,7 +30,15 @@ def read_readme() -> str:
         return f.read()
 
 
-PACKAGES = ["fastgpt", "fastgpt.ops", "fastgpt.kernels"]
+PACKAGES = [
+    "fastgpt",
+    "fastgpt.ops",
+    "fastgpt.kernels",
+    "fastgpt.tools",
+    "fastgpt.tools.bench",
+    "fastgpt.tools.inspect",
+    "fastgpt.tools.cuda_emu",
+]
 PACKAGE_DIR = {"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"}
 if os.path.isdir(os.path.join(HERE, "csrc")):
     PACKAGES.append("fastgpt.csrc")
@@ -78,7 +86,7 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"fastgpt.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    package_data={"fastgpt.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "fastgpt.tools.cuda_emu": ["*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

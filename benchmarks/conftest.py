@@ -5,7 +5,7 @@
     pytest benchmarks --benchmark-disable                   # CI: run the benchmark code once, time nothing
 
 Which number is the truth: on a GPU, ``extra_info["ms"]`` of each benchmark, the CUDA-event median
-of :func:`fastgpt._timing.time_cuda` (warm-up, an L2 flush before every call, median). pytest-benchmark's
+of :func:`fastgpt.tools.bench.timing.time_cuda` (warm-up, an L2 flush before every call, median). pytest-benchmark's
 own columns time the same call on the host clock with a ``torch.cuda.synchronize()`` after it, so they
 include launch latency; they are kept for pytest-benchmark's tooling (``--benchmark-compare``), not
 for the figures we report. On the CPU, the dispatch suite's truth is the interleaved comparison in
@@ -42,13 +42,13 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-from fastgpt import _bench_cases as bc  # noqa: E402
-from fastgpt import _timing  # noqa: E402
+from fastgpt.tools.bench import op_cases as bc  # noqa: E402
+from fastgpt.tools.bench import timing as _timing  # noqa: E402
 from fastgpt.testing import reset_backend_state  # noqa: E402
 
 NO_CUDA_REASON = "no CUDA device (torch.cuda.is_available() is False)"
 TRUTH = (
-    "extra_info.ms is the figure: CUDA-event median, L2 flushed before each call (fastgpt._timing.time_cuda); "
+    "extra_info.ms is the figure: CUDA-event median, L2 flushed before each call (fastgpt.tools.bench.timing.time_cuda); "
     "pytest-benchmark's stats are host wall clock of call + synchronize"
 )
 

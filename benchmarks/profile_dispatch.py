@@ -3,7 +3,7 @@
     python benchmarks/profile_dispatch.py [--size tiny|small|realistic] [--rounds 3] [--threads 1]
 
 For each op and direction (forward under no_grad; forward + backward) it times, against calling the
-torch function directly (interleaved rounds, minimum; see fastgpt._timing.compare_cpu):
+torch function directly (interleaved rounds, minimum; see fastgpt.tools.bench.timing.compare_cpu):
 
 * ``autograd.Function floor`` (fwd+bwd only): a minimal Python ``torch.autograd.Function`` around the
   same aten kernels: what any Python-level custom autograd costs, whatever fastgpt does;
@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import fastgpt
-from fastgpt import _bench_cases as bc
-from fastgpt import _timing, backends
+from fastgpt.tools.bench import op_cases as bc
+from fastgpt import backends
+from fastgpt.tools.bench import timing as _timing
 
 
 def _module(name: str):

@@ -19,8 +19,9 @@ import contextlib
 
 import pytest
 
-from fastgpt import _bench_cases as bc
-from fastgpt import _timing, backends
+from fastgpt.tools.bench import op_cases as bc
+from fastgpt import backends
+from fastgpt.tools.bench import timing as _timing
 
 CASES = [pytest.param(case, impl, id=f"{case.id}-{impl}") for case in bc.dispatch_cases() for impl in ("torch", "fastgpt")]
 

@@ -16,8 +16,8 @@ Both start from the same weights; their first losses must agree.
 import pytest
 import torch
 
-from fastgpt import _bench_cases as bc
-from fastgpt import _timing
+from fastgpt.tools.bench import op_cases as bc
+from fastgpt.tools.bench import timing as _timing
 
 
 def _sync(step, device):

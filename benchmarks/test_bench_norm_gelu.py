@@ -15,7 +15,7 @@ of the copy bandwidth measured in the same run. Targets: layer norm >= 1.5x eage
 
 import pytest
 
-from fastgpt import _bench_cases as bc
+from fastgpt.tools.bench import op_cases as bc
 
 BENCH_OPS = ("layer_norm", "add_layer_norm", "gelu", "bias_gelu")
 

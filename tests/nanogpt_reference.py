@@ -1,9 +1,9 @@
-"""The nanoGPT model the tests compare with (fastgpt._nanogpt, under its test names) and the parity
+"""The nanoGPT model the tests compare with (fastgpt.tools.bench.nanogpt, under its test names) and the parity
 rule applied to whole models."""
 
-from fastgpt._nanogpt import MLP, Block, CausalSelfAttention, LayerNorm  # noqa: F401
-from fastgpt._nanogpt import NanoConfig as RefConfig  # noqa: F401
-from fastgpt._nanogpt import NanoGPT as RefGPT  # noqa: F401
+from fastgpt.tools.bench.nanogpt import MLP, Block, CausalSelfAttention, LayerNorm  # noqa: F401
+from fastgpt.tools.bench.nanogpt import NanoConfig as RefConfig  # noqa: F401
+from fastgpt.tools.bench.nanogpt import NanoGPT as RefGPT  # noqa: F401
 
 
 def check_model_parity(name, model, base, ref, run, dtype=None):

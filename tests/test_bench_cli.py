@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from fastgpt import _bench_cases as bc
-from fastgpt import _timing
+from fastgpt.tools.bench import op_cases as bc
+from fastgpt.tools.bench import timing as _timing
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -186,12 +186,12 @@ def test_fastgpt_gpu_backend_is_never_timed_as_a_fallback():
 
 
 def test_bench_module_import_is_light():
-    """The CLI imports fastgpt.bench to build its parser: that must not load the benchmark machinery."""
+    """The CLI imports fastgpt.tools.bench.cli to build its parser: that must not load the benchmark machinery."""
     code = (
-        "import sys, fastgpt; before = set(sys.modules); import fastgpt.bench, fastgpt.cli; fastgpt.cli.build_parser(); "
+        "import sys, fastgpt; before = set(sys.modules); import fastgpt.tools.bench.cli, fastgpt.cli; fastgpt.cli.build_parser(); "
         "new = set(sys.modules) - before; "
         "heavy = sorted(m for m in new if m.split('.')[0] in ('matplotlib', 'tqdm', 'triton', 'numpy') "
-        "or m in ('fastgpt._bench_cases', 'fastgpt._timing')); print(heavy); sys.exit(1 if heavy else 0)"
+        "or m in ('fastgpt.tools.bench.op_cases', 'fastgpt.tools.bench.timing')); print(heavy); sys.exit(1 if heavy else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,4 +1,4 @@
-"""Every CUDA kernel in csrc/, executed on the CPU by the CUDA emulator (tests/cuda_emu), against float64.
+"""Every CUDA kernel in csrc/, executed on the CPU by the CUDA emulator (fastgpt/tools/cuda_emu), against float64.
 
 The emulator compiles the unmodified kernel sources for the host (one fiber per CUDA thread,
 barriers, emulated warp shuffles, poisoned shared memory) and these tests run each op forward and
@@ -18,8 +18,8 @@ import re
 import pytest
 import torch
 
-import cuda_emu
-from cuda_emu.parity import check_bias_gelu, check_gelu, check_layer_norm
+from fastgpt.tools import cuda_emu
+from fastgpt.tools.cuda_emu.parity import check_bias_gelu, check_gelu, check_layer_norm
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}

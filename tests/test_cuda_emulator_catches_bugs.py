@@ -32,8 +32,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cuda_emu
-from cuda_emu.parity import check_gelu, check_layer_norm
+from fastgpt.tools import cuda_emu
+from fastgpt.tools.cuda_emu.parity import check_gelu, check_layer_norm
 
 MUTATIONS = [
     (

@@ -17,7 +17,7 @@ import fastgpt
 from fastgpt import cuda_ext
 from fastgpt.testing import check_against_torch
 
-from cuda_emu.parity import check_bias_gelu, check_gelu, check_layer_norm
+from fastgpt.tools.cuda_emu.parity import check_bias_gelu, check_gelu, check_layer_norm
 
 pytestmark = pytest.mark.gpu
 

@@ -1,11 +1,11 @@
-"""The kernels' machine code for real GPUs, read without one (fastgpt/kernel_report.py, `fastgpt inspect`).
+"""The kernels' machine code for real GPUs, read without one (fastgpt/tools/inspect/report.py, `fastgpt inspect`).
 
 Every Triton attention kernel, with every tuning candidate, is compiled for sm_80 and sm_90 (the
 interpreter accepts code, e.g. a tl.dot with a dimension under 16, that the GPU compiler rejects),
 with the specialisation a real launch gets; the CUDA kernels are read from the extension built for
 sm_80 and sm_90, as the C++ launchers pick them (CPU emulator dry run). Then: no spills in default
 configs, shared memory that fits, tensor-core MMA for 16-bit attention, 128-bit loads and stores on
-the memory-bound kernels' vector paths, and a byte/FLOP model that agrees with fastgpt._timing.
+the memory-bound kernels' vector paths, and a byte/FLOP model that agrees with fastgpt.tools.bench.timing.
 
 Compiles run in worker processes without TRITON_INTERPRET (tests/conftest.py sets it for this one)
 and are cached under $FASTGPT_CACHE_DIR/kernel_report; the `report` fixture is the same call as
@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
 
-from fastgpt import kernel_report as kr  # noqa: E402
+from fastgpt.tools.inspect import report as kr  # noqa: E402
 
 
 def _tool(name: str) -> bool:
@@ -318,7 +318,7 @@ def test_occupancy_matches_the_cuda_calculator():
 
 
 def test_byte_model_agrees_with_the_work_model_where_nothing_is_re_read():
-    from fastgpt import _timing
+    from fastgpt.tools.bench import timing as _timing
     import torch
 
     # one query tile, one key tile, non-causal: the forward moves exactly the minimum
@@ -362,7 +362,7 @@ def test_cli_writes_table_json_and_png(report, tmp_path, capsys):
 
 
 def test_bench_static_report_hook(report):
-    from fastgpt.bench import static_report_hook
+    from fastgpt.tools.bench.cli import static_report_hook
 
     static = static_report_hook(quick=True)
     assert static["available"], static
@@ -371,7 +371,7 @@ def test_bench_static_report_hook(report):
 
 
 def test_kernel_report_import_is_light():
-    code = "import sys, fastgpt.kernel_report; print(sorted(m for m in ('torch', 'triton', 'matplotlib') if m in sys.modules))"
+    code = "import sys, fastgpt.tools.inspect.report; print(sorted(m for m in ('torch', 'triton', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     # fastgpt/__init__ imports torch; the report itself adds neither triton nor matplotlib
     assert out.returncode == 0, out.stderr

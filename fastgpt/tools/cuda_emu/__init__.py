@@ -27,8 +27,13 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-CSRC = REPO / "csrc"
+
+
+def _csrc() -> Path:
+    """csrc/ of the source checkout or of the installed package (fastgpt.cuda_ext knows where)."""
+    from fastgpt import cuda_ext
+
+    return cuda_ext.source_dir()
 KERNEL_SOURCES = ("layer_norm.cu", "gelu.cu")
 CXXFLAGS = (
     "-std=c++20",
@@ -105,7 +110,7 @@ def _ninja() -> Optional[str]:
 def _mutated_sources(mutations: Sequence[Mutation], into: Path) -> Path:
     """A copy of csrc/ with each mutation applied (each `old` text must occur exactly once)."""
     src = into / "csrc"
-    shutil.copytree(CSRC, src)
+    shutil.copytree(_csrc(), src)
     for name, old, new in mutations:
         path = src / name
         text = path.read_text()
@@ -134,7 +139,7 @@ def build(mutations: Sequence[Mutation] = (), verbose: bool = False) -> Path:
     cxx = os.environ.get("CXX", "g++")
     include = cuda_include_dir()
     with tempfile.TemporaryDirectory(prefix="fastgpt-emu-src-") as tmp:
-        source_dir = _mutated_sources(mutations, Path(tmp)) if mutations else CSRC
+        source_dir = _mutated_sources(mutations, Path(tmp)) if mutations else _csrc()
         flags = list(CXXFLAGS) + [f"-I{include}", f"-I{HERE}", f"-I{source_dir}"]
         key = _fingerprint(source_dir, CXXFLAGS, cxx, include)
         out_dir = cache_dir() / "cuda_emu" / key

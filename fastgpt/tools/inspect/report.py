@@ -15,7 +15,7 @@ what that implies on an H100 and an A100:
   the kernel's source hash, the specialisation, the config, the architecture and triton's version.
 * **CUDA layer norm / GELU** (csrc/): the kernels the C++ launchers pick (vector or scalar path, block
   and grid) come from running those launchers in a dry run of the CPU emulator of the test suite
-  (tests/cuda_emu: the unmodified csrc/ compiled for the host; no kernel runs, the pointers are fake
+  (fastgpt/tools/cuda_emu: the unmodified csrc/ compiled for the host; no kernel runs, the pointers are fake
   and aligned like torch's allocations, the device has the GPU's SM count); registers, stack and
   shared memory and the SASS of those kernels come from the CUDA extension that
   ``fastgpt.cuda_ext`` built for sm_80 and sm_90 (built once if it is missing; not compiled again here).
@@ -340,7 +340,7 @@ class _Workers:
         self._count += 1
         log = open(os.path.join(self._tmp.name, f"worker{self._count}.log"), "w+")
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from fastgpt.kernel_report import _worker_main; _worker_main()"],
+            [sys.executable, "-c", "from fastgpt.tools.inspect.report import _worker_main; _worker_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=self._env, text=True, bufsize=1,
         )
         proc.log = log  # type: ignore[attr-defined]
@@ -535,22 +535,12 @@ _emulator = None
 
 
 def _load_emulator():
-    """The CPU emulator of csrc/ (tests/cuda_emu of the source checkout), built and loaded once."""
+    """The CPU emulator of csrc/ (fastgpt.tools.cuda_emu), built and loaded once."""
     global _emulator
     if _emulator is not None:
         return _emulator
-    import importlib.util
+    from fastgpt.tools import cuda_emu as module
 
-    init = Path(__file__).resolve().parent.parent / "tests" / "cuda_emu" / "__init__.py"
-    if not init.exists():
-        raise Unavailable("the CUDA launch plans come from the emulator in the source checkout's tests/cuda_emu, "
-                          "which this installation does not have")
-    module = sys.modules.get("cuda_emu")
-    if module is None or Path(getattr(module, "__file__", "")).resolve() != init:
-        spec = importlib.util.spec_from_file_location("fastgpt_cuda_emu", init, submodule_search_locations=[str(init.parent)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fastgpt_cuda_emu"] = module
-        spec.loader.exec_module(module)
     reason = module.unavailable_reason()
     if reason:
         raise Unavailable(f"the CUDA emulator (launch plans) cannot be built: {reason}")
@@ -768,7 +758,7 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
 def _attention_work(case: Dict[str, Any], pass_: str) -> Tuple[float, float]:
     """(min bytes, useful FLOPs) of an attention pass: fastgpt._timing's FLOP convention; every input
     read and output written once."""
-    from fastgpt import _timing
+    from fastgpt.tools.bench import timing as _timing
 
     b, hq, hk, sq, sk, d = (case[k] for k in ("b", "hq", "hk", "sq", "sk", "d"))
     dv = case.get("dv", d)
@@ -787,7 +777,7 @@ def _attention_work(case: Dict[str, Any], pass_: str) -> Tuple[float, float]:
 def _cuda_min_bytes(case: Dict[str, Any]) -> float:
     import torch
 
-    from fastgpt import _timing
+    from fastgpt.tools.bench import timing as _timing
 
     dtype = getattr(torch, case["dtype"])
     m, n, bwd = case["rows"], case["cols"], case["pass_"] == "bwd"
@@ -1048,7 +1038,7 @@ def build_report(*, quick: bool = False, jobs: Optional[int] = None, use_cache: 
     import torch
 
     import fastgpt
-    from fastgpt import _timing
+    from fastgpt.tools.bench import timing as _timing
 
     report["versions"] = {"fastgpt": fastgpt.__version__, "python": platform.python_version(), "torch": torch.__version__,
                           "triton": triton_version}

@@ -11,7 +11,7 @@ same thing the same way. Three families:
   the reference path against the torch function it wraps, on the host clock, to measure what fastgpt's
   validation and dispatch add per call.
 * **GPT training steps** (:func:`prepare_gpt_step`): ``fastgpt.GPT`` against the same model built from
-  plain torch modules (:class:`fastgpt._nanogpt.NanoGPT`, nanoGPT's code), eager and compiled.
+  plain torch modules (:class:`fastgpt.tools.bench.nanogpt.NanoGPT`, nanoGPT's code), eager and compiled.
 
 Before anything is timed, :func:`prepare` runs the implementation once and compares its outputs (and
 gradients) with torch's own result: a benchmark that compares different computations fails instead of
@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgpt import _timing, backends
-from fastgpt._nanogpt import NanoGPT
+from fastgpt import backends
+from fastgpt.tools.bench import timing as _timing
+from fastgpt.tools.bench.nanogpt import NanoGPT
 
 __all__ = [
     "OPS",
@@ -821,7 +822,7 @@ def check_dispatch_pair(case: DispatchCase, torch_call: Callable[[], object], fa
 
 
 # --------------------------------------------------------------------------------------------
-# GPT training steps: fastgpt.GPT against nanoGPT's plain-torch model (fastgpt._nanogpt)
+# GPT training steps: fastgpt.GPT against nanoGPT's plain-torch model (fastgpt.tools.bench.nanogpt)
 # --------------------------------------------------------------------------------------------
 
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True)
@@ -881,7 +882,7 @@ def prepare_gpt_step(
     """Build ``impl`` (``fastgpt``, ``fastgpt-compile``, ``torch-eager``, ``torch-compile``) of a GPT.
 
     Every implementation starts from the same weights (fastgpt.GPT initialised with ``seed``, copied
-    into the plain-torch :class:`fastgpt._nanogpt.NanoGPT`) and the same batch. A step is forward (under autocast to ``amp_dtype``
+    into the plain-torch :class:`fastgpt.tools.bench.nanogpt.NanoGPT`) and the same batch. A step is forward (under autocast to ``amp_dtype``
     when given), backward, and with ``optimizer`` an AdamW step (fused on CUDA) and zero_grad.
     fastgpt runs with ``use_backend("auto", strict=True)``: on CUDA tensors every op must get its
     GPU kernel or the step raises (reported Unavailable); on CPU tensors ``use_backend("reference")``.

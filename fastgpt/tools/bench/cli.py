@@ -41,7 +41,7 @@ def static_report_hook(quick: bool) -> dict:
 
     Where no GPU can time the kernels, the next best evidence is their machine code compiled for
     sm_80 / sm_90 (registers, spills, shared memory, occupancy, vector loads, MMA) and the roofline
-    time a byte/FLOP model gives on an H100 and an A100: ``fastgpt.kernel_report.bench_summary(quick)``,
+    time a byte/FLOP model gives on an H100 and an A100: ``fastgpt.tools.inspect.report.bench_summary(quick)``,
     a dict with ``"rows"`` (one flat dict per op, shape and GPU), ``"text"`` (the roofline table and any
     problem, preformatted) and ``"problems"``. It compiles the Triton kernels (cached under
     $FASTGPT_CACHE_DIR/kernel_report) but not the CUDA extension (it reads it when it is built).
@@ -49,18 +49,18 @@ def static_report_hook(quick: bool) -> dict:
     import importlib
 
     try:
-        report = importlib.import_module("fastgpt.kernel_report")
+        report = importlib.import_module("fastgpt.tools.inspect.report")
     except ModuleNotFoundError as exc:
-        if exc.name != "fastgpt.kernel_report":
+        if exc.name != "fastgpt.tools.inspect.report":
             raise
-        return {"available": False, "reason": "fastgpt.kernel_report (`fastgpt inspect`) is not part of this build yet"}
+        return {"available": False, "reason": "fastgpt.tools.inspect.report (`fastgpt inspect`) is not part of this build yet"}
     summary = getattr(report, "bench_summary", None)
     if summary is None:
-        return {"available": False, "reason": "fastgpt.kernel_report has no bench_summary(quick) yet"}
+        return {"available": False, "reason": "fastgpt.tools.inspect.report has no bench_summary(quick) yet"}
     try:
         return {"available": True, **summary(quick=quick)}
     except Exception as exc:  # the report needs nvcc / triton's compiler; its failure must not sink the bench
-        return {"available": False, "reason": f"fastgpt.kernel_report.bench_summary failed: {type(exc).__name__}: {exc}"}
+        return {"available": False, "reason": f"fastgpt.tools.inspect.report.bench_summary failed: {type(exc).__name__}: {exc}"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def run_parity(op: str, backend: str, device, dtype, *, tiny: bool = False) -> d
     """The DESIGN.md parity rule (fastgpt.testing.check_against_torch) for ``op`` on ``backend``, strict."""
     from fastgpt import backends, testing
 
-    from fastgpt import _bench_cases as bc
+    from fastgpt.tools.bench import op_cases as bc
 
     names, tiny_dims, dims = _PARITY_DIMS[op]
     # the same op formulations and inputs as the benchmarks (causal attention: Sq == Sk, so torch's
@@ -165,8 +165,8 @@ def _gpu_work(ops, tier, device, roofline, quick, records, skipped, gpt_rows):
     """(label, thunk) pairs: every GPU measurement, in order."""
     import torch
 
-    from fastgpt import _bench_cases as bc
-    from fastgpt import _timing
+    from fastgpt.tools.bench import op_cases as bc
+    from fastgpt.tools.bench import timing as _timing
 
     work = []
     fastgpt_missing = {}
@@ -225,8 +225,9 @@ def _cpu_work(ops, quick, roofline, records, skipped, gpt_rows):
     """(label, thunk) pairs: the dispatch overhead of each op and a small GPT step, on the host clock."""
     import torch
 
-    from fastgpt import _bench_cases as bc
-    from fastgpt import _timing, backends
+    from fastgpt.tools.bench import op_cases as bc
+    from fastgpt import backends
+    from fastgpt.tools.bench import timing as _timing
 
     sizes = ("tiny", "realistic") if quick else ("tiny", "small", "realistic")
     work = []
@@ -296,7 +297,7 @@ def _cpu_work(ops, quick, roofline, records, skipped, gpt_rows):
 
 def _rows(records, parity, on_gpu):
     """The table rows (and the JSON's "results"): one per case fastgpt ran."""
-    from fastgpt import _bench_cases as bc
+    from fastgpt.tools.bench import op_cases as bc
 
     par = {p["op"]: p for p in parity if p.get("primary")}
     rows = []
@@ -447,8 +448,9 @@ def main(args: argparse.Namespace) -> int:
         unavailable["cuda extension"] = env["cuda_extension"]["reason"]
     interp_note = _maybe_enable_interpreter(on_gpu)
 
-    from fastgpt import _bench_cases as bc
-    from fastgpt import _timing, backends
+    from fastgpt.tools.bench import op_cases as bc
+    from fastgpt import backends
+    from fastgpt.tools.bench import timing as _timing
 
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     ops = list(args.ops or OP_CHOICES)

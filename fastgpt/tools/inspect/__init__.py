@@ -1,0 +1,1 @@
+"""``fastgpt inspect``: the kernels' machine code for real GPUs, read without one."""
