@@ -15,7 +15,9 @@ import os
 
 import pytest
 
-BENCH_OPS = ("attention",)
+from fastgpt import registry
+
+BENCH_OPS = registry.names(lambda spec: "triton" in spec.backends)  # the Triton kernels' ops
 
 
 @pytest.mark.gpu

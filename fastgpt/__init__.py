@@ -18,26 +18,13 @@ them from the environment. Importing fastgpt compiles nothing.
 
 __version__ = "0.1.0"
 
+from fastgpt import ops as _ops
 from fastgpt.backends import BackendUnavailableError, FallbackWarning, explain, use_backend
-from fastgpt.ops import (
-    add_layer_norm,
-    attention,
-    bias_gelu,
-    flash_attn_func,
-    gelu,
-    layer_norm,
-    scaled_dot_product_attention,
-)
+from fastgpt.ops import *  # noqa: F401,F403  (every registered op's public functions)
 
 __all__ = [
     "__version__",
-    "attention",
-    "scaled_dot_product_attention",
-    "flash_attn_func",
-    "layer_norm",
-    "add_layer_norm",
-    "gelu",
-    "bias_gelu",
+    *_ops.__all__,
     "explain",
     "use_backend",
     "BackendUnavailableError",

@@ -30,6 +30,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from fastgpt import registry
+
 __all__ = [
     "BACKENDS",
     "OP_BACKENDS",
@@ -48,15 +50,9 @@ __all__ = [
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
 
-# GPU backends that implement each op, in the order ``auto`` tries them. Adding a backend to an op is
-# a line here plus the branch in that op's module that calls it.
-OP_BACKENDS: Dict[str, Tuple[str, ...]] = {
-    "attention": ("triton",),
-    "layer_norm": ("cuda",),
-    "add_layer_norm": ("cuda",),
-    "gelu": ("cuda",),
-    "bias_gelu": ("cuda",),
-}
+# GPU backends that implement each op, in the order ``auto`` tries them: filled by each op's
+# registry entry (fastgpt.registry.OpSpec.backends) when fastgpt.ops is imported.
+OP_BACKENDS: Dict[str, Tuple[str, ...]] = registry.OP_BACKENDS
 
 
 class BackendUnavailableError(RuntimeError):

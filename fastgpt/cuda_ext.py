@@ -43,16 +43,6 @@ import torch
 __all__ = ["NAMESPACE", "OPS", "status", "load", "library_path", "source_dir", "cuda_home", "arch_list", "aot_module_name", "jit_build_dir"]
 
 NAMESPACE = "fastgpt_cuda"
-OPS = (
-    "layer_norm_fwd",
-    "layer_norm_bwd",
-    "add_layer_norm_fwd",
-    "add_layer_norm_bwd",
-    "gelu_fwd",
-    "gelu_bwd",
-    "bias_gelu_fwd",
-    "bias_gelu_bwd",
-)
 SOURCES = ("bindings.cpp", "layer_norm.cu", "gelu.cu")
 HEADERS = ("common.cuh", "fastgpt_cuda.h")
 DEFAULT_ARCHS = ("8.0", "9.0")
@@ -235,9 +225,23 @@ def status() -> Tuple[bool, str]:
     return True, f"will be compiled on first use with {home / 'bin' / 'nvcc'} (cached in {cache_dir() / 'cuda_ext'})"
 
 
+def _required_ops() -> Tuple[str, ...]:
+    """The ops the extension must register: every op's ``cuda_ops`` in fastgpt.registry."""
+    from fastgpt import registry
+
+    return registry.cuda_op_names()
+
+
+def __getattr__(name: str):
+    # OPS is derived from the registry on use: setup.py loads this file on its own, without fastgpt
+    if name == "OPS":
+        return _required_ops()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _check_ops(origin: str):
     ops = getattr(torch.ops, NAMESPACE)
-    missing = [name for name in OPS if not hasattr(ops, name)]
+    missing = [name for name in _required_ops() if not hasattr(ops, name)]
     if missing:
         raise RuntimeError(f"{origin} does not register {', '.join(NAMESPACE + '::' + m for m in missing)}")
     return ops

@@ -33,13 +33,13 @@ import torch
 from torch import Tensor, nn
 
 import fastgpt
-from fastgpt import reference
+from fastgpt import reference, registry
 from fastgpt import nn as fnn
 from fastgpt.ops._checks import is_compiling
 
 __all__ = ["patch", "unpatch", "PatchReport", "OPS"]
 
-OPS = ("attention", "layer_norm", "gelu")
+OPS = registry.names(lambda spec: spec.patchable)  # the ops patch() can swap into a model
 ATTN_IMPLEMENTATION = "fastgpt"  # the name registered with transformers' AttentionInterface
 
 

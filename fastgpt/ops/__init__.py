@@ -1,15 +1,23 @@
-"""One module per op family; importing this package registers every ``fastgpt::`` custom op."""
+"""One module per op; importing this package registers every op (:mod:`fastgpt.registry`) and its
+``fastgpt::`` custom ops, and exports the ops' public functions.
 
-from fastgpt.ops.attention import attention, flash_attn_func, scaled_dot_product_attention
-from fastgpt.ops.gelu import bias_gelu, gelu
-from fastgpt.ops.layer_norm import add_layer_norm, layer_norm
+Adding an op: its module here and its name in ``_OP_MODULES`` (docs/design.md, 'Adding an op').
+"""
 
-__all__ = [
-    "attention",
-    "scaled_dot_product_attention",
-    "flash_attn_func",
-    "layer_norm",
-    "add_layer_norm",
-    "gelu",
-    "bias_gelu",
-]
+import importlib
+
+from fastgpt import registry
+
+_OP_MODULES = ("attention", "layer_norm", "gelu")  # registration order: explain(), bench and reports follow it
+
+for _name in _OP_MODULES:
+    importlib.import_module(f"fastgpt.ops.{_name}")
+
+# the public functions of every registered op (this rebinds fastgpt.ops.attention etc. to the
+# functions of those names, as ``from fastgpt.ops.attention import attention`` always did)
+__all__ = []
+for _spec in registry.all_ops():
+    for _fn in _spec.functions:
+        globals()[_fn.__name__] = _fn
+        __all__.append(_fn.__name__)
+del _name, _spec, _fn

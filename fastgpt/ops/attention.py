@@ -32,6 +32,7 @@ from torch import Tensor
 from fastgpt import backends, reference
 from fastgpt.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, is_compiling
 from fastgpt.ops._define import FastgptOp, reference_serves
+from fastgpt.registry import OpCases, OpSpec, register
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "MAX_HEAD_DIM"]
 
@@ -381,3 +382,110 @@ def flash_attn_func(
     out, lse = _attention(qt, kt, vt, bool(causal), scale, True)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------
+# registry entry: the FLOP model, benchmark/parity cases and targets (docs/design.md, 'Adding an op')
+# --------------------------------------------------------------------------------------------
+
+ATTN_TOKENS = 16384  # batch * seqlen held constant across lengths, as FlashAttention's benchmarks do
+ATTN_HIDDEN = 2048  # heads = 2048 / head_dim
+SDPA_PEERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
+
+
+def attention_flops(b: int, h: int, sq: int, sk: int, d: int, *, causal: bool, mode: str = "fwd") -> float:
+    """Matmul FLOPs of attention: 4*B*H*Sq*Sk*D forward (QK^T and PV), halved when causal.
+
+    ``mode`` is "fwd", "bwd" (2.5x forward: five matmuls to the forward's two) or "fwd+bwd" (3.5x).
+    This is the convention of FlashAttention's benchmarks, so figures compare with theirs.
+    """
+    factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+    if mode not in factor:
+        raise ValueError(f"attention_flops: mode must be one of {', '.join(factor)}; got {mode!r}")
+    fwd = 4.0 * b * h * sq * sk * d
+    if causal:
+        fwd /= 2.0
+    return fwd * factor[mode]
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Attention as plain torch writes it (the torch-eager peer): the (S, S) scores are materialised.
+
+    Deliberately not :func:`fastgpt.reference.attention_forward`: the peer is what a user's own
+    eager code costs, in the input dtype, not fastgpt's float32 oracle.
+    """
+    s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def _gpu_shapes(t):
+    out = []
+    for d in t["attn_head_dims"]:
+        for causal in t["attn_causal"]:
+            for s in t["attn_seqlens"]:
+                for mode in t["attn_modes"]:
+                    dims = (("B", max(1, ATTN_TOKENS // s)), ("H", ATTN_HIDDEN // d), ("S", s), ("D", d))
+                    out.append((mode, dims, {"causal": causal}))
+    return out
+
+
+def _smoke_shapes():
+    dims = (("B", 1), ("H", 2), ("S", 33), ("D", 16))
+    return [("fwd+bwd", dims, {"causal": True}), ("fwd", dims, {"causal": False})]
+
+
+def _inputs(case, randn):
+    d = case.d
+    shape = (d["B"], d["H"], d["S"], d["D"])
+    return [randn(*shape), randn(*shape), randn(*shape)], [randn(*shape).detach()]
+
+
+def _eager(case, device):
+    s = case.d["S"]
+    mask = torch.ones(s, s, dtype=torch.bool, device=device).tril() if case.causal else None
+    return lambda q, k, v: eager_attention(q, k, v, mask)
+
+
+def _work(d, dtype, mode, causal=False):
+    return "flops", attention_flops(d["B"], d["H"], d["S"], d["S"], d["D"], causal=causal, mode=mode)
+
+
+def _targets(mode, dims, vs, pct):
+    vs("torch SDPA (best backend)", SDPA_PEERS, 1.0 if mode == "fwd" else 0.9)
+    if dims.get("S") == 4096:
+        vs("eager attention", ("torch-eager",), 5.0)
+
+
+register(
+    OpSpec(
+        name="attention",
+        functions=(attention, scaled_dot_product_attention, flash_attn_func),
+        backends=("triton",),
+        custom_ops=(_attention,),
+        patchable=True,
+        dims=("B", "H", "S", "D"),
+        parity_dims=((1, 2, 17, 16), (2, 4, 113, 64)),
+        # tiny: pure per-call overhead; small: nanoGPT's CPU example (B=12, T=64, 4 heads);
+        # realistic: GPT-2 small's heads on a CPU batch (B=4, T=256)
+        dispatch_sizes={"tiny": (1, 2, 16, 16), "small": (12, 4, 64, 32), "realistic": (4, 12, 256, 64)},
+        causal=True,
+        cases=OpCases(
+            gpu_shapes=_gpu_shapes,
+            smoke_shapes=_smoke_shapes,
+            inputs=_inputs,
+            eager=_eager,
+            expected=lambda case, device: lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal),
+            call=lambda case: lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=case.causal),
+            work=_work,
+            work_model={
+                "fwd": "flops = 4*B*H*Sq*Sk*D, halved when causal (Sq == Sk)",
+                "bwd": "flops = 2.5 * forward flops",
+                "fwd+bwd": "flops = 3.5 * forward flops",
+            },
+            peers=SDPA_PEERS + ("torch-eager", "torch-compile", "flash-attn"),
+            targets=_targets,
+        ),
+    )
+)

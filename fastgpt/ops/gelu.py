@@ -11,21 +11,20 @@ Custom ops (x contiguous; bias (N,) with N = x.shape[-1]):
 (``fastgpt.cuda_ext``) exposes ops of the same names and signatures.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastgpt import reference
+from fastgpt.ops._cases import MLP_DISPATCH_SIZES, rowwise_gpu_shapes, rowwise_smoke_shapes
 from fastgpt.ops import _cuda_backend as cuda
 from fastgpt.ops._checks import check_approximate, check_param_dtype, check_same_device, check_tensor
 from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
+from fastgpt.registry import OpCases, OpSpec, element_size, passes, register
 
 __all__ = ["gelu", "bias_gelu"]
-
-
-
 
 
 def _gelu_fwd(x: Tensor, approximate: str) -> Tensor:
@@ -142,3 +141,107 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     if x.dtype in TORCH_EXACT_DTYPES and bias.dtype == x.dtype and reference_serves("bias_gelu", x, cuda.constraint(x)):
         return F.gelu(x + bias, approximate=approximate)
     return _bias_gelu(x.contiguous(), bias.contiguous(), approximate)
+
+
+# --------------------------------------------------------------------------------------------
+# registry entries: the byte model, benchmark/parity cases and targets (docs/design.md, 'Adding an op')
+# --------------------------------------------------------------------------------------------
+
+
+def gelu_bytes(numel: int, dtype: torch.dtype, *, backward: bool = False) -> int:
+    """GELU over ``numel`` elements: forward 2*n*e, backward 3*n*e."""
+    return (3 if backward else 2) * numel * element_size(dtype)
+
+
+def bias_gelu_bytes(numel: int, n: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None, *, backward: bool = False) -> int:
+    """gelu(x + bias), x of ``numel`` elements, bias (n,): GELU's bytes plus the bias (and dbias)."""
+    be = element_size(bias_dtype or dtype)
+    return gelu_bytes(numel, dtype, backward=backward) + (2 if backward else 1) * n * be
+
+
+def _gelu_work(d, dtype, mode, causal=False):
+    return "bytes", float(sum(gelu_bytes(d["M"] * d["N"], dtype, backward=p == "bwd") for p in passes(mode)))
+
+
+def _bias_gelu_work(d, dtype, mode, causal=False):
+    return "bytes", float(sum(bias_gelu_bytes(d["M"] * d["N"], d["N"], dtype, dtype, backward=p == "bwd") for p in passes(mode)))
+
+
+def _gelu_inputs(case, randn):
+    d = case.d
+    return [randn(d["M"], d["N"])], [randn(d["M"], d["N"]).detach()]
+
+
+def _bias_gelu_inputs(case, randn):
+    d = case.d
+    return [randn(d["M"], d["N"]), randn(d["N"], scale=0.1)], [randn(d["M"], d["N"]).detach()]
+
+
+def _gelu_targets(mode, dims, vs, pct):
+    vs("torch.compile", ("torch-compile",), 1.0)
+
+
+def _bias_gelu_targets(mode, dims, vs, pct):
+    vs("eager", ("torch-eager",), 1.4)
+    vs("torch.compile", ("torch-compile",), 1.0)
+
+
+def _gpu_shapes(tier):
+    return rowwise_gpu_shapes(tier, 4, tier["gelu_approximate"])
+
+
+def _smoke_shapes():
+    return rowwise_smoke_shapes(64, "tanh")
+
+
+register(
+    OpSpec(
+        name="gelu",
+        functions=(gelu,),
+        backends=("cuda",),
+        custom_ops=(_gelu,),
+        cuda_ops=("gelu_fwd", "gelu_bwd"),
+        patchable=True,
+        parity_dims=((33, 96), (1000, 3072)),
+        dispatch_sizes=MLP_DISPATCH_SIZES,
+        cases=OpCases(
+            gpu_shapes=_gpu_shapes,
+            smoke_shapes=_smoke_shapes,
+            inputs=_gelu_inputs,
+            eager=lambda case, device: lambda x: F.gelu(x, approximate=case.approximate),
+            call=lambda case: lambda x: gelu(x, case.approximate),
+            work=_gelu_work,
+            work_model={"fwd": "bytes = 2*n*e(x) [read x, write y]", "bwd": "bytes = 3*n*e(x) [read x, dy, write dx]"},
+            peers=("torch-eager", "torch-compile"),
+            targets=_gelu_targets,
+            width_factor=4,
+        ),
+    )
+)
+
+register(
+    OpSpec(
+        name="bias_gelu",
+        functions=(bias_gelu,),
+        backends=("cuda",),
+        custom_ops=(_bias_gelu,),
+        cuda_ops=("bias_gelu_fwd", "bias_gelu_bwd"),
+        parity_dims=((33, 96), (1000, 3072)),
+        dispatch_sizes=MLP_DISPATCH_SIZES,
+        cases=OpCases(
+            gpu_shapes=_gpu_shapes,
+            smoke_shapes=_smoke_shapes,
+            inputs=_bias_gelu_inputs,
+            eager=lambda case, device: lambda x, b: F.gelu(x + b, approximate=case.approximate),
+            call=lambda case: lambda x, b: bias_gelu(x, b, case.approximate),
+            work=_bias_gelu_work,
+            work_model={
+                "fwd": "bytes = 2*n*e(x) + N*e(b) [read x, bias, write y]",
+                "bwd": "bytes = 3*n*e(x) + 2*N*e(b) [read x, dy, bias, write dx, dbias]",
+            },
+            peers=("torch-eager", "torch-compile"),
+            targets=_bias_gelu_targets,
+            width_factor=4,
+        ),
+    )
+)

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgpt import reference
+from fastgpt.ops._cases import NORM_DISPATCH_SIZES, rowwise_gpu_shapes, rowwise_smoke_shapes
 from fastgpt.ops import _cuda_backend as cuda
 from fastgpt.ops._checks import HALF_DTYPES, check_param_dtype, check_same_device, check_same_dtype, check_tensor
 from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
+from fastgpt.registry import OpCases, OpSpec, element_size, passes, register
 
 __all__ = ["layer_norm", "add_layer_norm"]
 
@@ -274,3 +276,143 @@ def add_layer_norm(
     if y.shape != x.shape:
         y, s = y.view(x.shape), s.view(x.shape)
     return y, s
+
+
+# --------------------------------------------------------------------------------------------
+# registry entries: the byte model, benchmark/parity cases and targets (docs/design.md, 'Adding an op')
+# --------------------------------------------------------------------------------------------
+
+
+def _param_bytes(n: int, weight_dtype: Optional[torch.dtype], bias_dtype: Optional[torch.dtype]) -> int:
+    return sum(n * element_size(d) for d in (weight_dtype, bias_dtype) if d is not None)
+
+
+def layer_norm_bytes(
+    m: int,
+    n: int,
+    dtype: torch.dtype,
+    weight_dtype: Optional[torch.dtype] = None,
+    bias_dtype: Optional[torch.dtype] = None,
+    *,
+    backward: bool = False,
+) -> int:
+    """Bytes a layer norm of x (m, n) must move: forward 2*m*n*e + params, backward 3*m*n*e + params.
+
+    ``weight_dtype`` / ``bias_dtype`` are None when there is no weight / bias. The backward reads the
+    weight and writes dweight and dbias.
+    """
+    e = element_size(dtype)
+    if not backward:
+        return 2 * m * n * e + _param_bytes(n, weight_dtype, bias_dtype)
+    params = _param_bytes(n, weight_dtype, None) + _param_bytes(n, weight_dtype, bias_dtype)
+    return 3 * m * n * e + params
+
+
+def add_layer_norm_bytes(
+    m: int,
+    n: int,
+    dtype: torch.dtype,
+    weight_dtype: Optional[torch.dtype] = None,
+    bias_dtype: Optional[torch.dtype] = None,
+    *,
+    backward: bool = False,
+) -> int:
+    """Residual add + layer norm of (m, n): 4*m*n*e + params both ways."""
+    e = element_size(dtype)
+    if not backward:
+        return 4 * m * n * e + _param_bytes(n, weight_dtype, bias_dtype)
+    return 4 * m * n * e + _param_bytes(n, weight_dtype, None) + _param_bytes(n, weight_dtype, bias_dtype)
+
+
+def _layer_norm_work(d, dtype, mode, causal=False):
+    return "bytes", float(sum(layer_norm_bytes(d["M"], d["N"], dtype, dtype, dtype, backward=p == "bwd") for p in passes(mode)))
+
+
+def _add_layer_norm_work(d, dtype, mode, causal=False):
+    return "bytes", float(sum(add_layer_norm_bytes(d["M"], d["N"], dtype, dtype, dtype, backward=p == "bwd") for p in passes(mode)))
+
+
+def _layer_norm_inputs(case, randn):
+    m, n = case.d["M"], case.d["N"]
+    return [randn(m, n), randn(n, scale=0.1, shift=1.0), randn(n, scale=0.1)], [randn(m, n).detach()]
+
+
+def _add_layer_norm_inputs(case, randn):
+    m, n = case.d["M"], case.d["N"]
+    inputs = [randn(m, n), randn(m, n), randn(n, scale=0.1, shift=1.0), randn(n, scale=0.1)]
+    return inputs, [randn(m, n).detach(), randn(m, n).detach()]
+
+
+def _eager_add_layer_norm(x: Tensor, r: Tensor, w: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    s = x + r
+    return F.layer_norm(s, (s.shape[-1],), w, b), s
+
+
+def _layer_norm_targets(mode, dims, vs, pct):
+    vs("eager", ("torch-eager",), 1.5)
+    pct("pct_of_copy_bandwidth", 90.0 if mode == "fwd" else 80.0, "copy bandwidth")
+
+
+def _add_layer_norm_targets(mode, dims, vs, pct):
+    vs("eager", ("torch-eager",), 1.4)
+    vs("torch.compile", ("torch-compile",), 1.0)
+
+
+_MULTI_PASS_SHAPES = ((8192, 16384), (1024, 65536))  # the backward's / the forward's multi-pass kernels
+_LN_WORK_MODEL = {
+    "fwd": "bytes = 2*M*N*e(x) [read x, write y] + N*e(w) + N*e(b) [read weight, bias]",
+    "bwd": "bytes = 3*M*N*e(x) [read x, dy, write dx] + N*e(w) [read weight] + N*e(w) + N*e(b) [write dweight, dbias]",
+}
+_ALN_WORK_MODEL = {
+    "fwd": "bytes = 4*M*N*e(x) [read x, residual, write y, sum] + N*e(w) + N*e(b)",
+    "bwd": "bytes = 4*M*N*e(x) [read dy, dsum, sum, write dx (= dresidual)] + N*e(w) + N*e(w) + N*e(b)",
+}
+
+register(
+    OpSpec(
+        name="layer_norm",
+        functions=(layer_norm,),
+        backends=("cuda",),
+        custom_ops=(_layer_norm,),
+        cuda_ops=("layer_norm_fwd", "layer_norm_bwd"),
+        patchable=True,
+        parity_dims=((33, 96), (1000, 768)),
+        dispatch_sizes=NORM_DISPATCH_SIZES,
+        report_shapes=_MULTI_PASS_SHAPES,
+        cases=OpCases(
+            gpu_shapes=rowwise_gpu_shapes,
+            smoke_shapes=lambda: rowwise_smoke_shapes(48),
+            inputs=_layer_norm_inputs,
+            eager=lambda case, device: lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b),
+            call=lambda case: lambda x, w, b: layer_norm(x, (x.shape[-1],), w, b),
+            work=_layer_norm_work,
+            work_model=_LN_WORK_MODEL,
+            peers=("torch-eager", "torch-compile", "liger"),
+            targets=_layer_norm_targets,
+        ),
+    )
+)
+
+register(
+    OpSpec(
+        name="add_layer_norm",
+        functions=(add_layer_norm,),
+        backends=("cuda",),
+        custom_ops=(_add_layer_norm,),
+        cuda_ops=("add_layer_norm_fwd", "add_layer_norm_bwd"),
+        parity_dims=((33, 96), (1000, 768)),
+        dispatch_sizes=NORM_DISPATCH_SIZES,
+        report_shapes=_MULTI_PASS_SHAPES,
+        cases=OpCases(
+            gpu_shapes=rowwise_gpu_shapes,
+            smoke_shapes=lambda: rowwise_smoke_shapes(48),
+            inputs=_add_layer_norm_inputs,
+            eager=lambda case, device: _eager_add_layer_norm,
+            call=lambda case: lambda x, r, w, b: add_layer_norm(x, r, w, b),
+            work=_add_layer_norm_work,
+            work_model=_ALN_WORK_MODEL,
+            peers=("torch-eager", "torch-compile"),
+            targets=_add_layer_norm_targets,
+        ),
+    )
+)

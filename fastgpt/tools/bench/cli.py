@@ -13,12 +13,15 @@ Prints a table (op, shape, fastgpt time, best peer and its time, speed-up, % of 
 error), writes every figure with the device and versions as JSON (``--json``) and a speed-up chart as a
 PNG (``--plot``). Exit status 1 when a parity check fails or a case raises (the others still run), else 0.
 
-This module's top level imports only argparse: the ``fastgpt`` CLI imports it to build its parser.
+This module's top level imports only argparse and the op registry: the ``fastgpt`` CLI imports it to
+build its parser.
 """
 
 import argparse
 
-OP_CHOICES = ("attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu", "gpt")
+from fastgpt import registry
+
+OP_CHOICES = registry.names() + ("gpt",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,26 +71,17 @@ def static_report_hook(quick: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-# (tiny, default) shapes of the parity check: lengths and widths that are not multiples of a block
-_PARITY_DIMS = {
-    "attention": (("B", "H", "S", "D"), (1, 2, 17, 16), (2, 4, 113, 64)),
-    "layer_norm": (("M", "N"), (33, 96), (1000, 768)),
-    "add_layer_norm": (("M", "N"), (33, 96), (1000, 768)),
-    "gelu": (("M", "N"), (33, 96), (1000, 3072)),
-    "bias_gelu": (("M", "N"), (33, 96), (1000, 3072)),
-}
-
-
 def run_parity(op: str, backend: str, device, dtype, *, tiny: bool = False) -> dict:
-    """The DESIGN.md parity rule (fastgpt.testing.check_against_torch) for ``op`` on ``backend``, strict."""
+    """The parity rule (docs/design.md, 'Parity rule'; fastgpt.testing.check_against_torch) for ``op`` on ``backend``, strict."""
     from fastgpt import backends, testing
 
     from fastgpt.tools.bench import op_cases as bc
 
-    names, tiny_dims, dims = _PARITY_DIMS[op]
+    spec = registry.get(op)
+    tiny_dims, dims = spec.parity_dims  # lengths and widths that are not multiples of a block
     # the same op formulations and inputs as the benchmarks (causal attention: Sq == Sk, so torch's
     # mask is fastgpt's); check_against_torch rounds the float32 inputs to ``dtype``
-    case = bc.OpCase(op, "fwd+bwd", tuple(zip(names, tiny_dims if tiny else dims)), "float32", causal=True)
+    case = bc.OpCase(op, "fwd+bwd", tuple(zip(spec.dims, tiny_dims if tiny else dims)), "float32", causal=True)
     inputs, _ = bc._inputs(case, device)
     row = {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
     try:
@@ -477,9 +471,9 @@ def main(args: argparse.Namespace) -> int:
         for op in ops:
             if op == "gpt":
                 continue
-            backend = backends.OP_BACKENDS[op][0] if on_gpu else "reference"
+            backend = registry.OP_BACKENDS[op][0] if on_gpu else "reference"
             parity.append({**run_parity(op, backend, device, dtype), "primary": True})
-            if not on_gpu and "triton" in backends.OP_BACKENDS[op] and backends.backend_unavailable_reason("triton", device) is None:
+            if not on_gpu and "triton" in registry.OP_BACKENDS[op] and backends.backend_unavailable_reason("triton", device) is None:
                 parity.append({**run_parity(op, "triton", device, torch.float32, tiny=True), "primary": False, "note": "Triton interpreter"})
         roofline = _timing.probe_roofline(device, quick=args.quick)
         if on_gpu:

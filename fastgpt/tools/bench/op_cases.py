@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgpt import backends
+from fastgpt import backends, registry
 from fastgpt.tools.bench import timing as _timing
 from fastgpt.tools.bench.nanogpt import NanoGPT
 
@@ -65,7 +65,7 @@ __all__ = [
     "set_compile_limits",
 ]
 
-OPS = ("attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu")
+OPS = registry.names()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -116,8 +116,6 @@ TIERS: Dict[str, Dict[str, tuple]] = {
         "gelu_approximate": ("none", "tanh"),
     },
 }
-ATTN_TOKENS = 16384  # batch * seqlen held constant across lengths, as FlashAttention's benchmarks do
-ATTN_HIDDEN = 2048  # heads = 2048 / head_dim
 
 
 def _tier(name: str) -> Dict[str, tuple]:
@@ -160,10 +158,8 @@ class OpCase:
     @property
     def shape_label(self) -> str:
         s = "x".join(f"{k}{v}" for k, v in self.dims)
-        if self.op == "attention":
-            s += " causal" if self.causal else ""
-        if self.op in ("gelu", "bias_gelu") and self.approximate != "none":
-            s += f" {self.approximate}"
+        s += " causal" if self.causal else ""
+        s += f" {self.approximate}" if self.approximate != "none" else ""
         return s
 
     @property
@@ -179,25 +175,7 @@ class OpCase:
 def gpu_cases(op: str, tier: str = "default") -> List[OpCase]:
     """The GPU cases of ``op`` in ``tier``, most important first (so a time budget cuts the tail)."""
     t = _tier(tier)
-    cases: List[OpCase] = []
-    if op == "attention":
-        for d in t["attn_head_dims"]:
-            for causal in t["attn_causal"]:
-                for s in t["attn_seqlens"]:
-                    for mode in t["attn_modes"]:
-                        dims = (("B", max(1, ATTN_TOKENS // s)), ("H", ATTN_HIDDEN // d), ("S", s), ("D", d))
-                        cases.append(OpCase(op, mode, dims, causal=causal, tier=tier))
-        return cases
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
-    approximations = t["gelu_approximate"] if op in ("gelu", "bias_gelu") else ("none",)
-    for m in t["norm_rows"]:
-        for n in t["norm_hidden"]:
-            width = 4 * n if op in ("gelu", "bias_gelu") else n
-            for approximate in approximations:
-                for mode in ("fwd", "bwd"):
-                    cases.append(OpCase(op, mode, (("M", m), ("N", width)), approximate=approximate, tier=tier))
-    return cases
+    return [OpCase(op, mode, dims, tier=tier, **opts) for mode, dims, opts in _cases(op).gpu_shapes(t)]
 
 
 def smoke_cases(op: str) -> List[OpCase]:
@@ -206,11 +184,15 @@ def smoke_cases(op: str) -> List[OpCase]:
     The modes are those of the GPU cases; attention is kept to two cases because the Triton
     interpreter takes seconds per call.
     """
-    if op == "attention":
-        dims = (("B", 1), ("H", 2), ("S", 33), ("D", 16))
-        return [OpCase(op, "fwd+bwd", dims, "float32", True, tier="smoke"), OpCase(op, "fwd", dims, "float32", False, tier="smoke")]
-    width = 64 if op in ("gelu", "bias_gelu") else 48
-    return [OpCase(op, mode, (("M", 7), ("N", width)), "float32", approximate="tanh", tier="smoke") for mode in ("fwd", "bwd")]
+    return [OpCase(op, mode, dims, "float32", tier="smoke", **opts) for mode, dims, opts in _cases(op).smoke_shapes()]
+
+
+def _cases(op: str) -> registry.OpCases:
+    """The op's benchmark/parity cases from its registry entry (ValueError for an unknown op)."""
+    cases = registry.get(op).cases
+    if cases is None:
+        raise ValueError(f"op {op!r} declares no benchmark cases")
+    return cases
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +201,7 @@ def smoke_cases(op: str) -> List[OpCase]:
 
 
 def _inputs(case: OpCase, device: torch.device, seed: int = 0) -> Tuple[List[Tensor], List[Tensor]]:
-    """(inputs, upstream gradients): every floating input requires grad."""
+    """(inputs, upstream gradients) of the op's registry entry: every floating input requires grad."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     dt = case.torch_dtype
 
@@ -227,86 +209,22 @@ def _inputs(case: OpCase, device: torch.device, seed: int = 0) -> Tuple[List[Ten
         t = torch.randn(*shape, generator=g, dtype=torch.float32) * scale + shift
         return t.to(device=device, dtype=dt).requires_grad_(True)
 
-    d = case.d
-    if case.op == "attention":
-        shape = (d["B"], d["H"], d["S"], d["D"])
-        inputs = [randn(*shape), randn(*shape), randn(*shape)]
-        upstream = [randn(*shape).detach()]
-    elif case.op == "layer_norm":
-        inputs = [randn(d["M"], d["N"]), randn(d["N"], scale=0.1, shift=1.0), randn(d["N"], scale=0.1)]
-        upstream = [randn(d["M"], d["N"]).detach()]
-    elif case.op == "add_layer_norm":
-        inputs = [randn(d["M"], d["N"]), randn(d["M"], d["N"]), randn(d["N"], scale=0.1, shift=1.0), randn(d["N"], scale=0.1)]
-        upstream = [randn(d["M"], d["N"]).detach(), randn(d["M"], d["N"]).detach()]
-    elif case.op == "gelu":
-        inputs = [randn(d["M"], d["N"])]
-        upstream = [randn(d["M"], d["N"]).detach()]
-    elif case.op == "bias_gelu":
-        inputs = [randn(d["M"], d["N"]), randn(d["N"], scale=0.1)]
-        upstream = [randn(d["M"], d["N"]).detach()]
-    else:
-        raise ValueError(f"unknown op {case.op!r}")
-    return inputs, upstream
-
-
-def _causal_mask(s: int, device: torch.device) -> Tensor:
-    return torch.ones(s, s, dtype=torch.bool, device=device).tril()
-
-
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Attention as plain torch writes it: the (S, S) scores and probabilities are materialised."""
-    s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), v)
+    return _cases(case.op).inputs(case, randn)
 
 
 def _torch_fn(case: OpCase, device: torch.device) -> Callable:
     """The op written in eager PyTorch (the "torch-eager" peer, and what torch.compile compiles)."""
-    if case.op == "attention":
-        mask = _causal_mask(case.d["S"], device) if case.causal else None
-        return lambda q, k, v: eager_attention(q, k, v, mask)
-    if case.op == "layer_norm":
-        return lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)
-    if case.op == "add_layer_norm":
-
-        def add_layer_norm(x: Tensor, r: Tensor, w: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
-            s = x + r
-            return F.layer_norm(s, (s.shape[-1],), w, b), s
-
-        return add_layer_norm
-    approximate = case.approximate
-    if case.op == "gelu":
-        return lambda x: F.gelu(x, approximate=approximate)
-    if case.op == "bias_gelu":
-        return lambda x, b: F.gelu(x + b, approximate=approximate)
-    raise ValueError(f"unknown op {case.op!r}")
+    return _cases(case.op).eager(case, device)
 
 
 def _expected_fn(case: OpCase, device: torch.device) -> Callable:
     """What every implementation's result is checked against: torch's default path for the op."""
-    if case.op == "attention":
-        causal = case.causal
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return _torch_fn(case, device)
+    cases = _cases(case.op)
+    return (cases.expected or cases.eager)(case, device)
 
 
 def _fastgpt_fn(case: OpCase) -> Callable:
-    import fastgpt
-
-    if case.op == "attention":
-        causal = case.causal
-        return lambda q, k, v: fastgpt.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if case.op == "layer_norm":
-        return lambda x, w, b: fastgpt.layer_norm(x, (x.shape[-1],), w, b)
-    if case.op == "add_layer_norm":
-        return lambda x, r, w, b: fastgpt.add_layer_norm(x, r, w, b)
-    approximate = case.approximate
-    if case.op == "gelu":
-        return lambda x: fastgpt.gelu(x, approximate)
-    if case.op == "bias_gelu":
-        return lambda x, b: fastgpt.bias_gelu(x, b, approximate)
-    raise ValueError(f"unknown op {case.op!r}")
+    return _cases(case.op).call(case)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,16 +241,13 @@ _SDPA_BACKENDS = {
 
 def fastgpt_impl(op: str, backend: Optional[str] = None) -> str:
     """Name of fastgpt's implementation of ``op`` on ``backend`` (default: the one auto prefers)."""
-    return f"fastgpt-{backend or backends.OP_BACKENDS[op][0]}"
+    return f"fastgpt-{backend or registry.OP_BACKENDS[op][0]}"
 
 
 def impls_for(op: str) -> List[str]:
     """Every implementation of ``op`` that is benchmarked, fastgpt's first (one per GPU backend)."""
-    names = [fastgpt_impl(op, b) for b in backends.OP_BACKENDS[op]]
-    if op == "attention":
-        return names + list(_SDPA_BACKENDS) + ["torch-eager", "torch-compile", "flash-attn"]
-    extra = ["liger"] if op == "layer_norm" else []
-    return names + ["torch-eager", "torch-compile"] + extra
+    names = [fastgpt_impl(op, b) for b in registry.OP_BACKENDS[op]]
+    return names + list(_cases(op).peers)
 
 
 def set_compile_limits(n: int = 256) -> None:
@@ -376,17 +291,17 @@ def _impl(case: OpCase, impl: str, device: torch.device, backend_override: Optio
         causal = case.causal
         return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), (lambda: sdpa_kernel(member))
     if impl == "torch-eager":
-        if case.op == "attention":
+        if "S" in case.d:  # attention: the eager peer materialises the S x S scores
             _check_materialised(case, t)
         return _torch_fn(case, device), contextlib.nullcontext
     if impl == "torch-compile":
         if case.tier == "smoke":
             raise Unavailable("torch.compile is not exercised by the CPU smoke run (minutes of C++ compile per shape)")
-        if case.op == "attention":
+        if "S" in case.d:
             _check_materialised(case, t)
             if case.d["S"] not in t["attn_compile_seqlens"]:
                 raise Unavailable(f"torch.compile of eager attention is measured at S in {t['attn_compile_seqlens'] or 'none'} in the {case.tier} tier (compile time)")
-        elif case.d["N"] // (4 if case.op in ("gelu", "bias_gelu") else 1) not in t["norm_compile_hidden"]:
+        elif case.d["N"] // _cases(case.op).width_factor not in t["norm_compile_hidden"]:
             raise Unavailable(f"torch.compile is measured at hidden sizes {t['norm_compile_hidden'] or 'none'} in the {case.tier} tier (compile time)")
         set_compile_limits()
         return torch.compile(_torch_fn(case, device), dynamic=False, fullgraph=True), contextlib.nullcontext
@@ -569,23 +484,8 @@ def prepare(case: OpCase, impl: str, device: torch.device, *, backend_override: 
 
 
 def work_of(case: OpCase) -> Tuple[str, float]:
-    """("bytes", n) for the memory-bound ops or ("flops", n) for attention, per :data:`_timing.WORK_MODEL`."""
-    d, dt = case.d, case.torch_dtype
-    modes = ("fwd", "bwd") if case.mode == "fwd+bwd" else (case.mode,)
-    if case.op == "attention":
-        return "flops", _timing.attention_flops(d["B"], d["H"], d["S"], d["S"], d["D"], causal=case.causal, mode=case.mode)
-    total = 0
-    for mode in modes:
-        bwd = mode == "bwd"
-        if case.op == "layer_norm":
-            total += _timing.layer_norm_bytes(d["M"], d["N"], dt, dt, dt, backward=bwd)
-        elif case.op == "add_layer_norm":
-            total += _timing.add_layer_norm_bytes(d["M"], d["N"], dt, dt, dt, backward=bwd)
-        elif case.op == "gelu":
-            total += _timing.gelu_bytes(d["M"] * d["N"], dt, backward=bwd)
-        elif case.op == "bias_gelu":
-            total += _timing.bias_gelu_bytes(d["M"] * d["N"], d["N"], dt, dt, backward=bwd)
-    return "bytes", float(total)
+    """("bytes", n) for the memory-bound ops or ("flops", n) for attention: the op's registry model."""
+    return _cases(case.op).work(case.d, case.torch_dtype, case.mode, causal=case.causal)
 
 
 def metrics(case: OpCase, ms: float, roofline: Optional[_timing.Roofline]) -> Dict[str, float]:
@@ -632,12 +532,12 @@ def measure(prepared: Prepared, roofline: Optional[_timing.Roofline] = None, **t
 
 
 # --------------------------------------------------------------------------------------------
-# comparisons: fastgpt against each peer measured in the same run, and the DESIGN.md targets
+# comparisons: fastgpt against each peer measured in the same run, and the performance targets
 # --------------------------------------------------------------------------------------------
 
 
 def _targets(op: str, mode: str, shape: Dict[str, int], fast: Dict[str, object], peers: Dict[str, float]) -> List[Dict[str, object]]:
-    """The DESIGN.md section 5 targets that apply to one case, each with its measured value."""
+    """The targets (docs/design.md, 'Performance targets and the byte/FLOP model') of one case, measured."""
     ms = float(fast["ms"])  # type: ignore[arg-type]
     out: List[Dict[str, object]] = []
 
@@ -645,24 +545,21 @@ def _targets(op: str, mode: str, shape: Dict[str, int], fast: Dict[str, object],
         if peer_ms is not None:
             out.append({"target": f">= {limit}x {name}", "value": peer_ms / ms, "ok": peer_ms / ms >= limit})
 
-    sdpa = [t for n, t in peers.items() if n.startswith("sdpa-")]
-    if op == "attention":
-        vs("torch SDPA (best backend)", min(sdpa) if sdpa else None, 1.0 if mode == "fwd" else 0.9)
-        if shape.get("S") == 4096:
-            vs("eager attention", peers.get("torch-eager"), 5.0)
-    elif op == "layer_norm":
-        vs("eager", peers.get("torch-eager"), 1.5)
-        pct = fast.get("pct_of_copy_bandwidth")
-        if pct is not None:
-            limit = 90.0 if mode == "fwd" else 80.0
-            out.append({"target": f">= {limit:.0f}% of copy bandwidth", "value": pct, "ok": float(pct) >= limit})  # type: ignore[arg-type]
-    elif op == "gpt":
+    if op == "gpt":
         vs("eager (plain torch modules)", peers.get("torch-eager"), 1.3)
         vs("torch.compile (plain torch modules)", peers.get("torch-compile"), 1.0)
-    else:
-        if op in ("bias_gelu", "add_layer_norm"):
-            vs("eager", peers.get("torch-eager"), 1.4)
-        vs("torch.compile", peers.get("torch-compile"), 1.0)
+        return out
+
+    def vs_peers(name: str, impls: Sequence[str], limit: float) -> None:
+        times = [peers[i] for i in impls if i in peers]
+        vs(name, min(times) if times else None, limit)
+
+    def pct(metric: str, limit: float, label: str) -> None:
+        value = fast.get(metric)
+        if value is not None:
+            out.append({"target": f">= {limit:.0f}% of {label}", "value": value, "ok": float(value) >= limit})  # type: ignore[arg-type]
+
+    _cases(op).targets(mode, shape, vs_peers, pct)
     return out
 
 
@@ -711,15 +608,9 @@ def compare_records(records: Sequence[Dict[str, object]]) -> List[Dict[str, obje
 # CPU dispatch overhead: fastgpt on the reference path against the torch function it wraps
 # --------------------------------------------------------------------------------------------
 
-DISPATCH_SIZES: Dict[str, Dict[str, Tuple[int, ...]]] = {
-    # tiny: pure per-call overhead; small: nanoGPT's CPU example (B=12, T=64, n_embd=128, 4 heads);
-    # realistic: GPT-2 small widths on a CPU batch (B*T = 2048 rows of 768; attention B=4, T=256)
-    "layer_norm": {"tiny": (8, 64), "small": (768, 128), "realistic": (2048, 768)},
-    "add_layer_norm": {"tiny": (8, 64), "small": (768, 128), "realistic": (2048, 768)},
-    "gelu": {"tiny": (8, 64), "small": (768, 512), "realistic": (2048, 3072)},
-    "bias_gelu": {"tiny": (8, 64), "small": (768, 512), "realistic": (2048, 3072)},
-    "attention": {"tiny": (1, 2, 16, 16), "small": (12, 4, 64, 32), "realistic": (4, 12, 256, 64)},
-}
+# per op (its registry entry): tiny: pure per-call overhead; small: nanoGPT's CPU example;
+# realistic: GPT-2 small widths on a CPU batch
+DISPATCH_SIZES: Dict[str, Dict[str, Tuple[int, ...]]] = {s.name: dict(s.dispatch_sizes) for s in registry.all_ops()}
 DISPATCH_MODES = ("fwd-nograd", "fwd+bwd")
 # the issue's targets: a few microseconds per call where the op itself takes microseconds, under 5%
 # where it does real work (nanoGPT's CPU example and GPT-2-small widths)
@@ -738,8 +629,8 @@ class DispatchCase:
 
     @property
     def shape_label(self) -> str:
-        names = "BHSD" if self.op == "attention" else "MN"
-        return "x".join(f"{n}{v}" for n, v in zip(names, self.dims)) + (" causal" if self.op == "attention" else "")
+        spec = registry.get(self.op)
+        return "x".join(f"{n}{v}" for n, v in zip(spec.dims, self.dims)) + (" causal" if spec.causal else "")
 
     @property
     def group(self) -> str:
@@ -760,10 +651,8 @@ class DispatchCase:
 def dispatch_work_case(case: DispatchCase) -> OpCase:
     """The :class:`OpCase` with the same op, shape and direction, for the work model (GB/s, TFLOP/s)."""
     mode = "fwd" if case.mode == "fwd-nograd" else "fwd+bwd"
-    if case.op == "attention":
-        dims = tuple(zip("BHSD", case.dims))
-        return OpCase(case.op, mode, dims, "float32", causal=True, tier="smoke")
-    return OpCase(case.op, mode, tuple(zip("MN", case.dims)), "float32", tier="smoke")
+    spec = registry.get(case.op)
+    return OpCase(case.op, mode, tuple(zip(spec.dims, case.dims)), "float32", causal=spec.causal, tier="smoke")
 
 
 def dispatch_cases(sizes: Sequence[str] = ("tiny", "small", "realistic"), ops: Sequence[str] = OPS) -> List[DispatchCase]:

@@ -2,8 +2,9 @@
 
 Three things live here, shared by the pytest-benchmark suites and the CLI so both report the same figures:
 
-* **The work model** (DESIGN.md section 5): how many bytes a memory-bound op must move and how many
-  FLOPs attention performs. Element sizes come from the dtype (2 for bfloat16, never 4). Every figure
+* **The work model** (docs/design.md, 'Performance targets and the byte/FLOP model'): how many bytes
+  a memory-bound op must move and how many FLOPs attention performs (each op's formula is in its
+  module, :mod:`fastgpt.ops`, and its registry entry). Element sizes come from the dtype (2 for bfloat16, never 4). Every figure
   in a report is ``work / measured time``; :data:`WORK_MODEL` is the text stated in the JSON.
 * **Timers.** :func:`time_cuda` has ``triton.testing.do_bench`` semantics (warm-up, a CUDA event
   pair around each call, the median; an L2 flush before each call for memory-bound ops) without
@@ -13,7 +14,7 @@ Three things live here, shared by the pytest-benchmark suites and the CLI so bot
 * **The roofline probe** (:func:`probe_roofline`): the device's measured copy bandwidth and bf16
   matmul throughput, so each result is also a percentage of what this machine can actually do.
 
-Import cost: torch only.
+Import cost: torch and fastgpt's op modules (for their work models).
 """
 
 from __future__ import annotations
@@ -54,18 +55,15 @@ __all__ = [
 # the work model
 # --------------------------------------------------------------------------------------------
 
+from fastgpt import registry  # noqa: E402
+from fastgpt.ops.attention import attention_flops  # noqa: E402,F401  (each op's work model lives in its module)
+from fastgpt.ops.gelu import bias_gelu_bytes, gelu_bytes  # noqa: E402,F401
+from fastgpt.ops.layer_norm import add_layer_norm_bytes, layer_norm_bytes  # noqa: E402,F401
+from fastgpt.registry import element_size  # noqa: E402,F401
+
+# the model in words, stated in every JSON report: each op's (from its registry entry), then the rest
 WORK_MODEL: Dict[str, str] = {
-    "layer_norm fwd": "bytes = 2*M*N*e(x) [read x, write y] + N*e(w) + N*e(b) [read weight, bias]",
-    "layer_norm bwd": "bytes = 3*M*N*e(x) [read x, dy, write dx] + N*e(w) [read weight] + N*e(w) + N*e(b) [write dweight, dbias]",
-    "add_layer_norm fwd": "bytes = 4*M*N*e(x) [read x, residual, write y, sum] + N*e(w) + N*e(b)",
-    "add_layer_norm bwd": "bytes = 4*M*N*e(x) [read dy, dsum, sum, write dx (= dresidual)] + N*e(w) + N*e(w) + N*e(b)",
-    "gelu fwd": "bytes = 2*n*e(x) [read x, write y]",
-    "gelu bwd": "bytes = 3*n*e(x) [read x, dy, write dx]",
-    "bias_gelu fwd": "bytes = 2*n*e(x) + N*e(b) [read x, bias, write y]",
-    "bias_gelu bwd": "bytes = 3*n*e(x) + 2*N*e(b) [read x, dy, bias, write dx, dbias]",
-    "attention fwd": "flops = 4*B*H*Sq*Sk*D, halved when causal (Sq == Sk)",
-    "attention bwd": "flops = 2.5 * forward flops",
-    "attention fwd+bwd": "flops = 3.5 * forward flops",
+    **{f"{spec.name} {mode}": text for spec in registry.all_ops() if spec.cases for mode, text in spec.cases.work_model.items()},
     "copy": "bytes = 2 * tensor bytes (read + write)",
     "matmul": "flops = 2*M*N*K",
     "gpt step": "flops/token = 6*params(non-embedding) + 12*n_layer*n_embd*T (PaLM appendix B, as nanoGPT); MFU = achieved / peak",
@@ -73,81 +71,9 @@ WORK_MODEL: Dict[str, str] = {
 }
 
 
-def element_size(dtype: torch.dtype) -> int:
-    """Bytes per element of ``dtype`` (bfloat16 is 2): the only element size the byte model uses."""
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _param_bytes(n: int, weight_dtype: Optional[torch.dtype], bias_dtype: Optional[torch.dtype]) -> int:
-    return sum(n * element_size(d) for d in (weight_dtype, bias_dtype) if d is not None)
-
-
-def layer_norm_bytes(
-    m: int,
-    n: int,
-    dtype: torch.dtype,
-    weight_dtype: Optional[torch.dtype] = None,
-    bias_dtype: Optional[torch.dtype] = None,
-    *,
-    backward: bool = False,
-) -> int:
-    """Bytes a layer norm of x (m, n) must move: forward 2*m*n*e + params, backward 3*m*n*e + params.
-
-    ``weight_dtype`` / ``bias_dtype`` are None when there is no weight / bias. The backward reads the
-    weight and writes dweight and dbias.
-    """
-    e = element_size(dtype)
-    if not backward:
-        return 2 * m * n * e + _param_bytes(n, weight_dtype, bias_dtype)
-    params = _param_bytes(n, weight_dtype, None) + _param_bytes(n, weight_dtype, bias_dtype)
-    return 3 * m * n * e + params
-
-
-def add_layer_norm_bytes(
-    m: int,
-    n: int,
-    dtype: torch.dtype,
-    weight_dtype: Optional[torch.dtype] = None,
-    bias_dtype: Optional[torch.dtype] = None,
-    *,
-    backward: bool = False,
-) -> int:
-    """Residual add + layer norm of (m, n): 4*m*n*e + params both ways (see :data:`WORK_MODEL`)."""
-    e = element_size(dtype)
-    if not backward:
-        return 4 * m * n * e + _param_bytes(n, weight_dtype, bias_dtype)
-    return 4 * m * n * e + _param_bytes(n, weight_dtype, None) + _param_bytes(n, weight_dtype, bias_dtype)
-
-
-def gelu_bytes(numel: int, dtype: torch.dtype, *, backward: bool = False) -> int:
-    """GELU over ``numel`` elements: forward 2*n*e, backward 3*n*e."""
-    return (3 if backward else 2) * numel * element_size(dtype)
-
-
-def bias_gelu_bytes(numel: int, n: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None, *, backward: bool = False) -> int:
-    """gelu(x + bias), x of ``numel`` elements, bias (n,): GELU's bytes plus the bias (and dbias)."""
-    be = element_size(bias_dtype or dtype)
-    return gelu_bytes(numel, dtype, backward=backward) + (2 if backward else 1) * n * be
-
-
 def copy_bytes(numel: int, dtype: torch.dtype) -> int:
     """A device-to-device copy reads and writes every byte once."""
     return 2 * numel * element_size(dtype)
-
-
-def attention_flops(b: int, h: int, sq: int, sk: int, d: int, *, causal: bool, mode: str = "fwd") -> float:
-    """Matmul FLOPs of attention: 4*B*H*Sq*Sk*D forward (QK^T and PV), halved when causal.
-
-    ``mode`` is "fwd", "bwd" (2.5x forward: five matmuls to the forward's two) or "fwd+bwd" (3.5x).
-    This is the convention of FlashAttention's benchmarks, so figures compare with theirs.
-    """
-    factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-    if mode not in factor:
-        raise ValueError(f"attention_flops: mode must be one of {', '.join(factor)}; got {mode!r}")
-    fwd = 4.0 * b * h * sq * sk * d
-    if causal:
-        fwd /= 2.0
-    return fwd * factor[mode]
 
 
 def matmul_flops(m: int, n: int, k: int) -> float:

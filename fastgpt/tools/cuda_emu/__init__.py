@@ -274,8 +274,11 @@ class _Guarded:
                 raise EmulatorError(f"{op}: a kernel overwrote the input {name}")
 
 
-_DRY_RUN_OPS = ("layer_norm_fwd", "layer_norm_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd",
-                "gelu_fwd", "gelu_bwd", "bias_gelu_fwd", "bias_gelu_bwd")
+def _dry_run_ops() -> Tuple[str, ...]:
+    """The ops of the cuda backend (every op's ``cuda_ops`` in fastgpt.registry)."""
+    from fastgpt import registry
+
+    return registry.cuda_op_names()
 
 
 class Emulator:
@@ -361,8 +364,9 @@ class Emulator:
         device has ``sms`` SMs of ``threads_per_sm`` threads (default: an H100). Returns the launch
         log (as :meth:`take_launches`) and the workspace bytes the op would allocate.
         """
-        if op not in _DRY_RUN_OPS:
-            raise ValueError(f"dry_run_launches: op must be one of {', '.join(_DRY_RUN_OPS)}; got {op!r}")
+        ops = _dry_run_ops()
+        if op not in ops:
+            raise ValueError(f"dry_run_launches: op must be one of {', '.join(ops)}; got {op!r}")
         e = torch.empty((), dtype=dtype).element_size()
         fake = iter(range(1 << 40, 1 << 41, 1 << 34))  # distinct, 256-byte aligned, never dereferenced
 

@@ -55,6 +55,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from fastgpt import registry
+
 __all__ = [
     "GPUS",
     "Gpu",
@@ -164,17 +166,18 @@ ATTENTION_CASES: Tuple[Dict[str, Any], ...] = (
 ROWS = 8 * 1024
 HIDDEN = (768, 1024, 1600, 2048, 4096, 8192)
 QUICK_HIDDEN = (768, 4096)
-CUDA_OPS = ("layer_norm", "add_layer_norm", "gelu", "bias_gelu")
+CUDA_OPS = registry.names(lambda spec: "cuda" in spec.backends)
 
 
 def _cuda_cases(quick: bool) -> List[Dict[str, Any]]:
     hidden = QUICK_HIDDEN if quick else HIDDEN
     cases = []
     for op in CUDA_OPS:
-        widths = [4 * h for h in hidden] if "gelu" in op else list(hidden)
-        shapes = [(ROWS, n) for n in widths]
-        if not quick and "layer_norm" in op:
-            shapes += [(ROWS, 16384), (1024, 65536)]  # the backward's / the forward's multi-pass kernels
+        spec = registry.get(op)
+        width = spec.cases.width_factor if spec.cases else 1
+        shapes = [(ROWS, width * h) for h in hidden]
+        if not quick:
+            shapes += list(spec.report_shapes)
         for rows, cols in shapes:
             for pass_ in ("fwd", "bwd"):
                 cases.append(dict(name=f"{rows}x{cols}", op=op, pass_=pass_, rows=rows, cols=cols, dtype="bfloat16"))
@@ -775,20 +778,12 @@ def _attention_work(case: Dict[str, Any], pass_: str) -> Tuple[float, float]:
 
 
 def _cuda_min_bytes(case: Dict[str, Any]) -> float:
+    """The bytes one pass must move: the op's byte model (its registry entry)."""
     import torch
 
-    from fastgpt.tools.bench import timing as _timing
-
-    dtype = getattr(torch, case["dtype"])
-    m, n, bwd = case["rows"], case["cols"], case["pass_"] == "bwd"
-    op = case["op"]
-    if op == "layer_norm":
-        return float(_timing.layer_norm_bytes(m, n, dtype, dtype, dtype, backward=bwd))
-    if op == "add_layer_norm":
-        return float(_timing.add_layer_norm_bytes(m, n, dtype, dtype, dtype, backward=bwd))
-    if op == "gelu":
-        return float(_timing.gelu_bytes(m * n, dtype, backward=bwd))
-    return float(_timing.bias_gelu_bytes(m * n, n, dtype, dtype, backward=bwd))
+    dims = {"M": case["rows"], "N": case["cols"]}
+    _, amount = registry.get(case["op"]).cases.work(dims, getattr(torch, case["dtype"]), case["pass_"])
+    return float(amount)
 
 
 def _cuda_model(launch: Dict[str, Any], case: Dict[str, Any], workspace: int, resident_blocks: int, gpu: Gpu) -> Dict[str, float]:
