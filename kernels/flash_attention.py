@@ -77,7 +77,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # over BLOCK_M queries. The bucket is the padded head dim max(pow2(D), pow2(Dv), 16).
 #
 # Chosen from triton's compile for sm_80 and sm_90 (shared memory from the compiled kernel,
-# registers and spills from the cubin, see _triton_utils.kernel_resources): for 16-bit inputs every
+# registers and spills from the cubin, see fastgpt.tools.inspect.compiling.kernel_resources): for 16-bit inputs every
 # config here is spill-free on both at D = bucket, S = 1024, and the first (the default, what runs
 # untuned) also at S = 300 with D = 40, 80, 96; each list holds one that fits the 99 KiB of
 # sm_86 / sm_89. The dK/dV kernel holds dK, dV (fp32) and K, V in registers for its whole loop,
@@ -705,7 +705,7 @@ def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optio
     """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work).
 
     Outputs are allocated like the op layer does (contiguous). For the kernel report: compile
-    each plan with each of its configs via :func:`kernels._triton_utils.compile_plan`.
+    each plan with each of its configs via :func:`fastgpt.tools.inspect.compiling.compile_plan`.
     """
     b, hq, sq, d = q.shape
     scale = scale if scale is not None else d ** -0.5

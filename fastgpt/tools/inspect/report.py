@@ -10,7 +10,7 @@ what that implies on an H100 and an A100:
   (``example_plans`` on meta tensors), each tuning candidate, compiled with ``triton.compile`` for
   sm_80 and sm_90 with the specialisation triton's JIT launcher computes for those arguments (16-byte
   divisibility of pointers and strides, ints equal to 1 as constants; see
-  ``_triton_utils.launch_specialization``). Compiles run in a pool of processes without
+  ``compiling.launch_specialization``). Compiles run in a pool of processes without
   TRITON_INTERPRET, and their readings are cached under ``$FASTGPT_CACHE_DIR/kernel_report``, keyed by
   the kernel's source hash, the specialisation, the config, the architecture and triton's version.
 * **CUDA layer norm / GELU** (csrc/): the kernels the C++ launchers pick (vector or scalar path, block
@@ -246,7 +246,7 @@ def _case_plans(case: Dict[str, Any]):
 def _job_key(plan, config, arch: int) -> str:
     import triton
 
-    from fastgpt.kernels._triton_utils import launch_specialization, normalize_specialization
+    from fastgpt.tools.inspect.compiling import launch_specialization, normalize_specialization
 
     sig, constexprs, attrs = normalize_specialization(plan, launch_specialization(plan, config, arch))
     source = getattr(plan.kernel, "cache_key", None) or hashlib.sha256(plan.kernel.src.encode()).hexdigest()
@@ -274,7 +274,7 @@ def _enumerate_attention(cases: Sequence[Dict[str, Any]], archs: Sequence[int], 
 def _compile_job(case: Dict[str, Any], kernel: str, config_index: int, arch: int, options: Optional[Dict[str, Any]] = None,
                  sass: bool = True) -> Dict[str, Any]:
     """Worker: compile one launch for sm_<arch> and read its machine code (kernel_resources)."""
-    from fastgpt.kernels._triton_utils import compile_plan, kernel_resources
+    from fastgpt.tools.inspect.compiling import compile_plan, kernel_resources
 
     plan = next(p for _, p in _case_plans(case) if p.name == kernel)
     start = time.perf_counter()
@@ -286,10 +286,10 @@ def _compile_job(case: Dict[str, Any], kernel: str, config_index: int, arch: int
 
 def _check_specializations(cases: Sequence[Dict[str, Any]], archs: Sequence[int] = (80, 90)) -> Dict[str, Any]:
     """Worker: for every launch and config of ``cases``, the specialisation triton's JIT binder computes
-    against ``_triton_utils.kernel_signature`` (the fallback used where triton's internals differ).
+    against ``compiling.kernel_signature`` (the fallback used where triton's internals differ).
     Returns whether the binder was usable, how many were compared, the mismatches, and for each
     case which arguments of the first launch carry the 16-byte divisibility hint."""
-    from fastgpt.kernels._triton_utils import jit_specialization, kernel_signature, normalize_specialization
+    from fastgpt.tools.inspect.compiling import jit_specialization, kernel_signature, normalize_specialization
 
     checked, mismatches, divisible = 0, [], {}
     for case in cases:
@@ -448,7 +448,7 @@ def compile_attention(
     """Compile every launch of ``cases`` (every tuning candidate, or only the default) for ``archs``.
 
     Returns the records of :func:`_enumerate_attention`, each with ``resources[str(arch)]`` (see
-    ``_triton_utils.kernel_resources``) or ``error[str(arch)]`` (the compiler's message), and
+    ``compiling.kernel_resources``) or ``error[str(arch)]`` (the compiler's message), and
     statistics. ``sass`` says whose disassembly is read ("default" configs, "all", "none"; the
     resource usage is read for all). ``options`` are extra compile options (e.g. ``{"maxnreg": 64}``).
     Identical specialisations compile once; results are cached unless ``use_cache`` is False.
@@ -626,7 +626,7 @@ def _cuda_library(build: bool = True) -> Path:
 def cuda_machine_code(build: bool = True, use_cache: bool = True) -> Tuple[Dict[Tuple[int, str], Dict[str, Any]], str]:
     """{(arch, normalized kernel name): resources} of the built CUDA extension, and its path (cached by
     content). ``build``: compile the extension first if it is not built (else raise Unavailable)."""
-    from fastgpt.kernels._triton_utils import read_machine_code, summarize_opcodes
+    from fastgpt.tools.inspect.compiling import read_machine_code, summarize_opcodes
 
     lib = _cuda_library(build)
     digest = hashlib.sha256(lib.read_bytes()).hexdigest()[:32]
