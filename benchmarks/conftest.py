@@ -14,7 +14,7 @@ the pytest-benchmark columns there are per-call host times of each callable on i
 
 Each case's implementations share a benchmark group, so they print side by side. Ratios to every
 peer measured in the same session are added to the fastgpt entries of ``--benchmark-json`` and printed
-at the end of the run, with the DESIGN.md section 5 targets they meet or miss; the JSON also carries the
+at the end of the run, with the targets (docs/design.md, 'Performance targets and the byte/FLOP model') they meet or miss; the JSON also carries the
 roofline probe and the byte/FLOP model under the top-level key ``fastgpt``.
 
 Options: ``--fastgpt-tier quick|default|full`` (how many shapes), ``--fastgpt-budget-s SECONDS`` (per
@@ -43,6 +43,7 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 from fastgpt.tools.bench import op_cases as bc  # noqa: E402
+from fastgpt.tools.bench import compare as cmp_
 from fastgpt.tools.bench import timing as _timing  # noqa: E402
 from fastgpt.testing import reset_backend_state  # noqa: E402
 
@@ -274,7 +275,7 @@ def run_smoke():
             records.append(record)
         if primary in ran and not any(r["impl"] == primary for r in records):
             records.append({**records[0], "impl": primary})
-        rows = bc.compare_records(records)
+        rows = cmp_.compare_records(records)
         assert len(rows) == 1 and rows[0]["impl"] == primary and rows[0]["speedup_vs"], rows
         return skipped
 
@@ -294,7 +295,7 @@ def _session_summary(config) -> Dict[str, object]:
         "cpu_threads": config.getoption("--fastgpt-threads"),
         "work_model": _timing.WORK_MODEL,
         "roofline": {k: r.as_dict() for k, r in _ROOFLINE.items()},
-        "comparisons": bc.compare_records(RECORDS),
+        "comparisons": cmp_.compare_records(RECORDS),
         "dispatch_overhead": DISPATCH,
         "gpt": GPT,
     }
@@ -320,7 +321,7 @@ def _fmt_ms(ms: Optional[float]) -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    rows = bc.compare_records(RECORDS)
+    rows = cmp_.compare_records(RECORDS)
     write = terminalreporter.write_line
     if rows:
         terminalreporter.section("fastgpt vs peers (CUDA-event medians; speed-up = peer time / fastgpt time)")

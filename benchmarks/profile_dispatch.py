@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt.tools.bench import op_cases as bc
+from fastgpt.tools.bench import dispatch_cases as dc
 from fastgpt import backends
 from fastgpt.tools.bench import timing as _timing
 
@@ -61,7 +62,7 @@ class _GeluFloor(torch.autograd.Function):
 def ladder(op: str, size: str, grad: bool):
     """[(rung name, callable)] and the torch baseline, over the inputs of DispatchCase(op, size)."""
     g = torch.Generator().manual_seed(0)
-    dims = bc.DISPATCH_SIZES[op][size]
+    dims = dc.DISPATCH_SIZES[op][size]
 
     def r(*shape):
         return torch.randn(*shape, generator=g).requires_grad_(grad)

@@ -7,7 +7,7 @@ eager attention with the S x S scores materialised, torch.compile of that eager 
 before timing), and flash-attn when installed. fastgpt runs ``use_backend("triton", strict=True)``.
 
 Reported: TFLOP/s (4*B*H*S^2*D per forward, halved when causal; backward 2.5x forward) and its % of
-the bf16 matmul measured in the same run. Targets (DESIGN.md section 5): forward >= 1.0x the best SDPA
+the bf16 matmul measured in the same run. Targets (docs/design.md, 'Performance targets and the byte/FLOP model'): forward >= 1.0x the best SDPA
 backend, forward+backward >= 0.9x, >= 5x eager at S = 4096.
 """
 

@@ -19,18 +19,18 @@ import contextlib
 
 import pytest
 
-from fastgpt.tools.bench import op_cases as bc
+from fastgpt.tools.bench import dispatch_cases as dc
 from fastgpt import backends
 from fastgpt.tools.bench import timing as _timing
 
-CASES = [pytest.param(case, impl, id=f"{case.id}-{impl}") for case in bc.dispatch_cases() for impl in ("torch", "fastgpt")]
+CASES = [pytest.param(case, impl, id=f"{case.id}-{impl}") for case in dc.dispatch_cases() for impl in ("torch", "fastgpt")]
 
 
 @pytest.mark.parametrize(("case", "impl"), CASES)
 def test_dispatch_overhead(benchmark, budget, threads, bench_log, case, impl):
     budget.check()
-    torch_call, fast_call = bc.dispatch_pair(case)
-    check_error = bc.check_dispatch_pair(case, torch_call, fast_call)
+    torch_call, fast_call = dc.dispatch_pair(case)
+    check_error = dc.check_dispatch_pair(case, torch_call, fast_call)
     benchmark.group = case.group
     benchmark.extra_info.update({"impl": impl, "op": case.op, "mode": case.mode, "size": case.size, "shape": case.shape_label})
     call = fast_call if impl == "fastgpt" else torch_call

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fastgpt.tools.bench import op_cases as bc
+from fastgpt.tools.bench import gpt_steps as gs
 from fastgpt.tools.bench import timing as _timing
 
 
@@ -29,7 +30,7 @@ def _sync(step, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", bc.GPT_IMPLS)
+@pytest.mark.parametrize("impl", gs.GPT_IMPLS)
 def test_gpt2_124m_train_step(benchmark, budget, cuda_device, gpu_roofline, tier, bench_log, impl):
     budget.check()
     if impl == "fastgpt-compile" and tier != "full":
@@ -38,7 +39,7 @@ def test_gpt2_124m_train_step(benchmark, budget, cuda_device, gpu_roofline, tier
         pytest.skip("torch.compile is not measured in the quick tier (compile time)")
     benchmark.group = "gpt2-124m train step B=8 T=1024 bf16"
     try:
-        step = bc.prepare_gpt_step(impl, cuda_device, config=bc.GPT2_124M, batch=8, amp_dtype=torch.bfloat16)
+        step = gs.prepare_gpt_step(impl, cuda_device, config=gs.GPT2_124M, batch=8, amp_dtype=torch.bfloat16)
     except bc.Unavailable as exc:
         pytest.skip(f"{impl}: {exc}")
     try:
@@ -46,7 +47,7 @@ def test_gpt2_124m_train_step(benchmark, budget, cuda_device, gpu_roofline, tier
             rounds = 1
             if benchmark.enabled:
                 timing = _timing.time_cuda(step.step, flush_l2=False, warmup_ms=200, rep_ms=1000, min_reps=10, max_reps=30, device=cuda_device)
-                record = bc.gpt_record(step, timing, timing.median_ms, gpu_roofline, torch.cuda.get_device_name(cuda_device))
+                record = gs.gpt_record(step, timing, timing.median_ms, gpu_roofline, torch.cuda.get_device_name(cuda_device))
                 bench_log.gpt.append(record)
                 bench_log.records.append(record)
                 benchmark.extra_info.update(record)
@@ -61,12 +62,12 @@ def test_gpt2_124m_train_step(benchmark, budget, cuda_device, gpu_roofline, tier
 def test_gpt_small_step_cpu(benchmark, budget, threads, bench_log, impl):
     budget.check()
     cpu = torch.device("cpu")
-    kwargs = dict(config=bc.GPT_CPU_SMALL, batch=12, amp_dtype=None, optimizer=False)
+    kwargs = dict(config=gs.GPT_CPU_SMALL, batch=12, amp_dtype=None, optimizer=False)
     try:
-        fast = bc.prepare_gpt_step("fastgpt", cpu, **kwargs)
+        fast = gs.prepare_gpt_step("fastgpt", cpu, **kwargs)
     except bc.Unavailable as exc:
         pytest.skip(f"fastgpt: {exc}")
-    plain = bc.prepare_gpt_step("torch-eager", cpu, **kwargs)
+    plain = gs.prepare_gpt_step("torch-eager", cpu, **kwargs)
     # same weights, same batch, float32: the two models must compute the same loss
     assert abs(fast.first_loss - plain.first_loss) <= 1e-4 * abs(plain.first_loss), (fast.first_loss, plain.first_loss)
     step = fast if impl == "fastgpt" else plain
@@ -77,9 +78,9 @@ def test_gpt_small_step_cpu(benchmark, budget, threads, bench_log, impl):
             return
         if impl == "fastgpt":
             cmp = _timing.compare_cpu(plain.step, fast.step, budget_s=2.0, batch_s=0.0)
-            record = bc.gpt_record(fast, cmp.b, cmp.b.min_ms, None, "cpu")
+            record = gs.gpt_record(fast, cmp.b, cmp.b.min_ms, None, "cpu")
             record.update(torch_ms=cmp.a.min_ms, overhead_pct=cmp.overhead_pct, overhead_us=cmp.overhead_us, threads=cmp.threads)
             bench_log.gpt.append(record)
-            bench_log.gpt.append({**bc.gpt_record(plain, cmp.a, cmp.a.min_ms, None, "cpu"), "threads": cmp.threads})
+            bench_log.gpt.append({**gs.gpt_record(plain, cmp.a, cmp.a.min_ms, None, "cpu"), "threads": cmp.threads})
             benchmark.extra_info.update(record)
         benchmark.pedantic(step.step, rounds=10, warmup_rounds=1)

@@ -7,7 +7,7 @@ runs on the MLP width, 4 x hidden); the full tier adds 4096 and 65536 rows. Forw
 forward: inputs require grad) and backward alone (replayed on a retained graph), each timed with an L2
 flush before every call. fastgpt runs ``use_backend("cuda", strict=True)``.
 
-Reported: GB/s by the DESIGN.md byte model (layer norm forward 2*M*N*bytes + weights, backward
+Reported: GB/s by the byte model (docs/design.md, 'Performance targets and the byte/FLOP model') (layer norm forward 2*M*N*bytes + weights, backward
 3*M*N*bytes + weights; GELU forward 2n*bytes, backward 3n*bytes; element size from the dtype) and its %
 of the copy bandwidth measured in the same run. Targets: layer norm >= 1.5x eager and >= 90% (forward)
 / 80% (backward) of copy bandwidth; bias + GELU and add + layer norm >= 1.4x eager; all >= 1.0x torch.compile.

@@ -143,8 +143,8 @@ def reset_warnings() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+# True when TRITON_INTERPRET is set: the kernels' own test (importing it does not import triton)
+from fastgpt.kernels._triton_utils import interpreter_active as triton_interpreter_enabled  # noqa: E402
 
 
 def _triton_importable() -> Optional[str]:

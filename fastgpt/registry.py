@@ -11,7 +11,7 @@ are dict lookups, so dispatch pays nothing for it per call.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 __all__ = ["OpSpec", "OpCases", "register", "get", "all_ops", "names", "cuda_op_names", "element_size", "passes", "OP_BACKENDS"]
 

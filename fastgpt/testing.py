@@ -1,4 +1,4 @@
-"""The numerical-parity rule every fastgpt test and benchmark uses (DESIGN.md section 4).
+"""The numerical-parity rule every fastgpt test and benchmark uses (docs/design.md, 'Parity rule').
 
 A kernel result ``out`` in dtype t is compared with ``ref``, the same computation in float64, and
 with ``base``, the plain-torch result computed in dtype t::
@@ -121,7 +121,7 @@ def check_against_torch(
     seed: int = 0,
     ref_fn=None,
 ) -> List[Parity]:
-    """Assert the DESIGN.md parity rule for ``fn`` against ``torch_fn``, forward and gradients.
+    """Assert the parity rule (docs/design.md, 'Parity rule') for ``fn`` against ``torch_fn``, forward and gradients.
 
     ``inputs`` (any floating dtype; ``requires_grad=True`` on those whose gradient is checked) are
     rounded to ``dtype`` once. ``fn`` and the baseline ``torch_fn`` run on the rounded values; the

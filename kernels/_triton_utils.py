@@ -18,9 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
-
-import torch
+from typing import Any, Callable, Dict, Hashable, Tuple
 
 __all__ = [
     "Config",

@@ -47,6 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastgpt.ops.attention import MAX_HEAD_DIM  # one limit: the op validates calls against it
+
 from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, length_bucket, next_pow2
 
 __all__ = [
@@ -66,7 +68,6 @@ __all__ = [
 ]
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # --------------------------------------------------------------------------------------------

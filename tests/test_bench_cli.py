@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastgpt.tools.bench import op_cases as bc
+from fastgpt.tools.bench import dispatch_cases as dc
 from fastgpt.tools.bench import timing as _timing
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -167,11 +168,11 @@ def test_prepare_rejects_a_benchmark_that_compares_different_computations(monkey
 
 
 def test_dispatch_check_rejects_different_results():
-    case = bc.DispatchCase("gelu", "tiny", "fwd-nograd")
-    torch_call, fast_call = bc.dispatch_pair(case)
-    assert bc.check_dispatch_pair(case, torch_call, fast_call) <= 1e-6
+    case = dc.DispatchCase("gelu", "tiny", "fwd-nograd")
+    torch_call, fast_call = dc.dispatch_pair(case)
+    assert dc.check_dispatch_pair(case, torch_call, fast_call) <= 1e-6
     with pytest.raises(AssertionError, match="differs"):
-        bc.check_dispatch_pair(case, torch_call, lambda: fast_call() * 1.01)
+        dc.check_dispatch_pair(case, torch_call, lambda: fast_call() * 1.01)
 
 
 def test_fastgpt_gpu_backend_is_never_timed_as_a_fallback():

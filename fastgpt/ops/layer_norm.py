@@ -287,41 +287,33 @@ def _param_bytes(n: int, weight_dtype: Optional[torch.dtype], bias_dtype: Option
     return sum(n * element_size(d) for d in (weight_dtype, bias_dtype) if d is not None)
 
 
-def layer_norm_bytes(
-    m: int,
-    n: int,
-    dtype: torch.dtype,
-    weight_dtype: Optional[torch.dtype] = None,
-    bias_dtype: Optional[torch.dtype] = None,
-    *,
-    backward: bool = False,
-) -> int:
-    """Bytes a layer norm of x (m, n) must move: forward 2*m*n*e + params, backward 3*m*n*e + params.
+def _norm_bytes(reads_writes_fwd: int, reads_writes_bwd: int, what: str):
+    """The byte model of a norm that moves ``reads_writes`` (M, N) tensors per pass, plus its parameters."""
 
-    ``weight_dtype`` / ``bias_dtype`` are None when there is no weight / bias. The backward reads the
-    weight and writes dweight and dbias.
-    """
-    e = element_size(dtype)
-    if not backward:
-        return 2 * m * n * e + _param_bytes(n, weight_dtype, bias_dtype)
-    params = _param_bytes(n, weight_dtype, None) + _param_bytes(n, weight_dtype, bias_dtype)
-    return 3 * m * n * e + params
+    def norm_bytes(
+        m: int,
+        n: int,
+        dtype: torch.dtype,
+        weight_dtype: Optional[torch.dtype] = None,
+        bias_dtype: Optional[torch.dtype] = None,
+        *,
+        backward: bool = False,
+    ) -> int:
+        e = element_size(dtype)
+        if not backward:
+            return reads_writes_fwd * m * n * e + _param_bytes(n, weight_dtype, bias_dtype)
+        # the backward reads the weight and writes dweight and dbias
+        return reads_writes_bwd * m * n * e + _param_bytes(n, weight_dtype, None) + _param_bytes(n, weight_dtype, bias_dtype)
+
+    norm_bytes.__doc__ = (
+        f"Bytes {what} of x (m, n) must move: forward {reads_writes_fwd}*m*n*e + params, backward "
+        f"{reads_writes_bwd}*m*n*e + params. ``weight_dtype`` / ``bias_dtype`` are None when there is no weight / bias."
+    )
+    return norm_bytes
 
 
-def add_layer_norm_bytes(
-    m: int,
-    n: int,
-    dtype: torch.dtype,
-    weight_dtype: Optional[torch.dtype] = None,
-    bias_dtype: Optional[torch.dtype] = None,
-    *,
-    backward: bool = False,
-) -> int:
-    """Residual add + layer norm of (m, n): 4*m*n*e + params both ways."""
-    e = element_size(dtype)
-    if not backward:
-        return 4 * m * n * e + _param_bytes(n, weight_dtype, bias_dtype)
-    return 4 * m * n * e + _param_bytes(n, weight_dtype, None) + _param_bytes(n, weight_dtype, bias_dtype)
+layer_norm_bytes = _norm_bytes(2, 3, "a layer norm")  # read x, write y; read x, dy, write dx
+add_layer_norm_bytes = _norm_bytes(4, 4, "a residual add + layer norm")  # x, residual, y, sum; dy, dsum, sum, dx
 
 
 def _layer_norm_work(d, dtype, mode, causal=False):

@@ -1,17 +1,14 @@
-"""What is benchmarked: op cases, the implementations they are compared with, GPT training steps.
+"""What is benchmarked: op cases and the implementations they are compared with.
 
 Shared by the pytest-benchmark suites in ``benchmarks/`` and by ``fastgpt bench`` so both measure the
-same thing the same way. Three families:
-
-* **GPU op cases** (:class:`OpCase`, :func:`gpu_cases`): each fastgpt op on realistic shapes, against
-  its peers (eager PyTorch, every torch SDPA backend, torch.compile of the eager code, flash-attn and
-  liger-kernel when installed). fastgpt runs *strict* on its GPU backend: a call that would fall back
-  raises, and the case is reported unavailable with the reason; a fallback is never timed.
-* **CPU dispatch cases** (:class:`DispatchCase`, :func:`dispatch_cases`): each fastgpt op forced onto
-  the reference path against the torch function it wraps, on the host clock, to measure what fastgpt's
-  validation and dispatch add per call.
-* **GPT training steps** (:func:`prepare_gpt_step`): ``fastgpt.GPT`` against the same model built from
-  plain torch modules (:class:`fastgpt.tools.bench.nanogpt.NanoGPT`, nanoGPT's code), eager and compiled.
+same thing the same way. The **GPU op cases** (:class:`OpCase`, :func:`gpu_cases`): each fastgpt op on
+realistic shapes (from its registry entry, :class:`fastgpt.registry.OpCases`), against its peers
+(eager PyTorch, every torch SDPA backend, torch.compile of the eager code, flash-attn and
+liger-kernel when installed). fastgpt runs *strict* on its GPU backend: a call that would fall back
+raises, and the case is reported unavailable with the reason; a fallback is never timed. Beside
+this module: :mod:`~fastgpt.tools.bench.dispatch_cases` (CPU dispatch overhead),
+:mod:`~fastgpt.tools.bench.gpt_steps` (GPT training steps) and :mod:`~fastgpt.tools.bench.compare`
+(speed-ups and targets).
 
 Before anything is timed, :func:`prepare` runs the implementation once and compares its outputs (and
 gradients) with torch's own result: a benchmark that compares different computations fails instead of
@@ -25,15 +22,14 @@ import contextlib
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastgpt import backends, registry
 from fastgpt.tools.bench import timing as _timing
-from fastgpt.tools.bench.nanogpt import NanoGPT
 
 __all__ = [
     "OPS",
@@ -47,20 +43,8 @@ __all__ = [
     "Prepared",
     "prepare",
     "measure",
-    "compare_records",
     "work_of",
     "metrics",
-    "DispatchCase",
-    "dispatch_cases",
-    "dispatch_pair",
-    "dispatch_work_case",
-    "GPT2_124M",
-    "GPT_CPU_SMALL",
-    "prepare_gpt_step",
-    "gpt_record",
-    "GptStep",
-    "GPT_IMPLS",
-    "check_dispatch_pair",
     "release",
     "set_compile_limits",
 ]
@@ -528,328 +512,4 @@ def measure(prepared: Prepared, roofline: Optional[_timing.Roofline] = None, **t
         "timing": timing.as_dict(),
         "check_rel_error": prepared.check_error,
         **metrics(case, ms, roofline),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# comparisons: fastgpt against each peer measured in the same run, and the performance targets
-# --------------------------------------------------------------------------------------------
-
-
-def _targets(op: str, mode: str, shape: Dict[str, int], fast: Dict[str, object], peers: Dict[str, float]) -> List[Dict[str, object]]:
-    """The targets (docs/design.md, 'Performance targets and the byte/FLOP model') of one case, measured."""
-    ms = float(fast["ms"])  # type: ignore[arg-type]
-    out: List[Dict[str, object]] = []
-
-    def vs(name: str, peer_ms: Optional[float], limit: float) -> None:
-        if peer_ms is not None:
-            out.append({"target": f">= {limit}x {name}", "value": peer_ms / ms, "ok": peer_ms / ms >= limit})
-
-    if op == "gpt":
-        vs("eager (plain torch modules)", peers.get("torch-eager"), 1.3)
-        vs("torch.compile (plain torch modules)", peers.get("torch-compile"), 1.0)
-        return out
-
-    def vs_peers(name: str, impls: Sequence[str], limit: float) -> None:
-        times = [peers[i] for i in impls if i in peers]
-        vs(name, min(times) if times else None, limit)
-
-    def pct(metric: str, limit: float, label: str) -> None:
-        value = fast.get(metric)
-        if value is not None:
-            out.append({"target": f">= {limit:.0f}% of {label}", "value": value, "ok": float(value) >= limit})  # type: ignore[arg-type]
-
-    _cases(op).targets(mode, shape, vs_peers, pct)
-    return out
-
-
-def compare_records(records: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """One row per case that fastgpt ran: its time, each peer's, the speed-ups and the targets.
-
-    ``speedup_vs[peer]`` is peer time / fastgpt time (above 1: fastgpt is faster). Records are
-    grouped by their ``group`` (one case); the fastgpt record is the one whose impl starts with
-    "fastgpt" (the first GPU backend of the op when several ran).
-    """
-    groups: Dict[str, List[Dict[str, object]]] = {}
-    for r in records:
-        groups.setdefault(str(r["group"]), []).append(r)
-    rows = []
-    for group, recs in groups.items():
-        fast = [r for r in recs if str(r["impl"]).startswith("fastgpt")]
-        if not fast:
-            continue
-        op = str(fast[0]["op"])
-        primary = fastgpt_impl(op) if op in OPS else "fastgpt"
-        f = next((r for r in fast if r["impl"] == primary), fast[0])
-        peers = {str(r["impl"]): float(r["ms"]) for r in recs if r is not f}  # type: ignore[arg-type]
-        speedups = {name: t / float(f["ms"]) for name, t in peers.items()}  # type: ignore[arg-type]
-        best = min(peers, key=peers.get) if peers else None  # type: ignore[arg-type]
-        rows.append(
-            {
-                "group": group,
-                "op": f["op"],
-                "mode": f["mode"],
-                "shape": f["shape"],
-                "impl": f["impl"],
-                "ms": f["ms"],
-                "peers_ms": peers,
-                "speedup_vs": speedups,
-                "best_peer": best,
-                "best_peer_ms": peers.get(best) if best else None,
-                "speedup_vs_best": speedups.get(best) if best else None,
-                "metric": {k: f[k] for k in ("GB/s", "TFLOP/s", "pct_of_copy_bandwidth", "pct_of_matmul", "tokens_per_s", "mfu_pct") if k in f},
-                "targets": _targets(str(f["op"]), str(f["mode"]), dict(f.get("dims") or {}), f, peers),  # type: ignore[arg-type]
-            }
-        )
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# CPU dispatch overhead: fastgpt on the reference path against the torch function it wraps
-# --------------------------------------------------------------------------------------------
-
-# per op (its registry entry): tiny: pure per-call overhead; small: nanoGPT's CPU example;
-# realistic: GPT-2 small widths on a CPU batch
-DISPATCH_SIZES: Dict[str, Dict[str, Tuple[int, ...]]] = {s.name: dict(s.dispatch_sizes) for s in registry.all_ops()}
-DISPATCH_MODES = ("fwd-nograd", "fwd+bwd")
-# the issue's targets: a few microseconds per call where the op itself takes microseconds, under 5%
-# where it does real work (nanoGPT's CPU example and GPT-2-small widths)
-OVERHEAD_TARGETS = {"tiny": ("us", 5.0), "small": ("pct", 5.0), "realistic": ("pct", 5.0)}
-
-
-@dataclass(frozen=True)
-class DispatchCase:
-    op: str
-    size: str
-    mode: str
-
-    @property
-    def dims(self) -> Tuple[int, ...]:
-        return DISPATCH_SIZES[self.op][self.size]
-
-    @property
-    def shape_label(self) -> str:
-        spec = registry.get(self.op)
-        return "x".join(f"{n}{v}" for n, v in zip(spec.dims, self.dims)) + (" causal" if spec.causal else "")
-
-    @property
-    def group(self) -> str:
-        return f"dispatch {self.op} {self.mode} {self.size} {self.shape_label} fp32"
-
-    @property
-    def id(self) -> str:
-        return f"{self.op}-{self.mode.replace('+', '_')}-{self.size}"
-
-    def target(self) -> Tuple[str, float]:
-        return OVERHEAD_TARGETS[self.size]
-
-    def meets_target(self, overhead_us: float, overhead_pct: float) -> bool:
-        unit, limit = self.target()
-        return (overhead_us if unit == "us" else overhead_pct) <= limit
-
-
-def dispatch_work_case(case: DispatchCase) -> OpCase:
-    """The :class:`OpCase` with the same op, shape and direction, for the work model (GB/s, TFLOP/s)."""
-    mode = "fwd" if case.mode == "fwd-nograd" else "fwd+bwd"
-    spec = registry.get(case.op)
-    return OpCase(case.op, mode, tuple(zip(spec.dims, case.dims)), "float32", causal=spec.causal, tier="smoke")
-
-
-def dispatch_cases(sizes: Sequence[str] = ("tiny", "small", "realistic"), ops: Sequence[str] = OPS) -> List[DispatchCase]:
-    return [DispatchCase(op, size, mode) for op in ops for size in sizes for mode in DISPATCH_MODES]
-
-
-def dispatch_pair(case: DispatchCase, seed: int = 0) -> Tuple[Callable[[], object], Callable[[], object]]:
-    """(torch call, fastgpt call): zero-argument closures over the same float32 CPU tensors.
-
-    The torch call is the function fastgpt wraps (:func:`_expected_fn`: F.layer_norm, F.gelu, torch's
-    SDPA, ...), the fastgpt call the public op (:func:`_fastgpt_fn`), on :func:`_inputs` of the case's
-    work shape. The caller runs the fastgpt one inside ``use_backend("reference", strict=True)``.
-    "fwd-nograd" calls the op under ``torch.no_grad()``; "fwd+bwd" runs the forward with inputs that
-    require grad and ``torch.autograd.grad`` of the outputs (no .grad accumulation, the same for both).
-    """
-    work = dispatch_work_case(case)
-    cpu = torch.device("cpu")
-    inputs, upstream = _inputs(work, cpu, seed)
-    torch_op, fast_op = _expected_fn(work, cpu), _fastgpt_fn(work)
-    if case.mode != "fwd+bwd":
-        inputs = [t.detach() for t in inputs]
-
-        def nograd(op: Callable) -> Callable[[], object]:
-            def call():
-                with torch.no_grad():
-                    return op(*inputs)
-
-            return call
-
-        return nograd(torch_op), nograd(fast_op)
-
-    def with_backward(op: Callable) -> Callable[[], object]:
-        def call():
-            return torch.autograd.grad(_as_tuple(op(*inputs)), inputs, upstream)
-
-        return call
-
-    return with_backward(torch_op), with_backward(fast_op)
-
-
-def check_dispatch_pair(case: DispatchCase, torch_call: Callable[[], object], fast_call: Callable[[], object]) -> float:
-    """Run both once (fastgpt on the strict reference path) and return the relative difference.
-
-    Raises AssertionError when they differ by more than float32 round-off: the two timed calls would
-    not compute the same thing.
-    """
-    a = _as_tuple(torch_call())
-    with backends.use_backend("reference", strict=True):
-        b = _as_tuple(fast_call())
-    if len(a) != len(b):
-        raise AssertionError(f"{case.group}: torch returns {len(a)} tensors, fastgpt {len(b)}")
-    error = max(_rel_error(y, x) for x, y in zip(a, b))
-    if not error <= 1e-4:
-        raise AssertionError(f"{case.group}: fastgpt differs from torch by {error:.2e} (relative); expected float32 round-off")
-    return error
-
-
-# --------------------------------------------------------------------------------------------
-# GPT training steps: fastgpt.GPT against nanoGPT's plain-torch model (fastgpt.tools.bench.nanogpt)
-# --------------------------------------------------------------------------------------------
-
-GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True)
-# nanoGPT's CPU example (config/train_shakespeare_char.py with the README's CPU overrides)
-GPT_CPU_SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=True)
-GPT_IMPLS = ("fastgpt", "fastgpt-compile", "torch-eager", "torch-compile")
-
-
-def _gpt_module():
-    try:
-        return importlib.import_module("fastgpt.model")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastgpt.model":
-            raise
-        raise Unavailable("fastgpt.model does not exist yet (fastgpt.GPT is being written)") from None
-
-
-def _adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """nanoGPT's optimizer for either model: decay on 2-D parameters, fused on CUDA where available."""
-    import inspect
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
-
-
-@dataclass
-class GptStep:
-    """One training step of one implementation, ready to time; ``step()`` returns the loss."""
-
-    impl: str
-    step: Callable[[], Tensor]
-    context: Callable[[], ContextManager]
-    tokens: int
-    flops_per_step: float
-    n_params: int
-    first_loss: float
-    description: str
-    label: str = ""
-
-
-def prepare_gpt_step(
-    impl: str,
-    device: torch.device,
-    *,
-    config: Optional[Dict[str, object]] = None,
-    batch: int = 8,
-    seqlen: Optional[int] = None,
-    amp_dtype: Optional[torch.dtype] = torch.bfloat16,
-    optimizer: bool = True,
-    seed: int = 0,
-) -> GptStep:
-    """Build ``impl`` (``fastgpt``, ``fastgpt-compile``, ``torch-eager``, ``torch-compile``) of a GPT.
-
-    Every implementation starts from the same weights (fastgpt.GPT initialised with ``seed``, copied
-    into the plain-torch :class:`fastgpt.tools.bench.nanogpt.NanoGPT`) and the same batch. A step is forward (under autocast to ``amp_dtype``
-    when given), backward, and with ``optimizer`` an AdamW step (fused on CUDA) and zero_grad.
-    fastgpt runs with ``use_backend("auto", strict=True)``: on CUDA tensors every op must get its
-    GPU kernel or the step raises (reported Unavailable); on CPU tensors ``use_backend("reference")``.
-    The first step runs here (compilation happens there) and its loss is returned for cross-checks.
-    """
-    if impl not in GPT_IMPLS:
-        raise ValueError(f"unknown GPT implementation {impl!r}; expected one of {', '.join(GPT_IMPLS)}")
-    mod = _gpt_module()
-    cfg = mod.GPTConfig(**(config or GPT2_124M))
-    t = seqlen or cfg.block_size
-    torch.manual_seed(seed)
-    model: nn.Module = mod.GPT(cfg)
-    n_params = model.get_num_params()
-    if impl.startswith("torch"):
-        plain = NanoGPT(cfg)
-        plain.load_state_dict(model.state_dict())
-        model = plain
-    model = model.to(device).train()
-    opt = _adamw(model, device) if optimizer else None
-    if impl.endswith("compile"):
-        set_compile_limits()
-        model = torch.compile(model)
-    g = torch.Generator().manual_seed(seed + 1)
-    idx = torch.randint(cfg.vocab_size, (batch, t), generator=g).to(device)
-    targets = torch.randint(cfg.vocab_size, (batch, t), generator=g).to(device)
-    if impl.startswith("fastgpt"):
-        backend = "auto" if device.type == "cuda" else "reference"
-        context: Callable[[], ContextManager] = lambda: backends.use_backend(backend, strict=True)  # noqa: E731
-    else:
-        context = contextlib.nullcontext
-
-    def step() -> Tensor:
-        if amp_dtype is not None:
-            with torch.autocast(device.type, dtype=amp_dtype):
-                _, loss = model(idx, targets)
-        else:
-            _, loss = model(idx, targets)
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            model.zero_grad(set_to_none=True)
-        return loss
-
-    try:
-        with context():
-            first = float(step().detach())
-    except backends.BackendUnavailableError as exc:
-        raise Unavailable(str(exc)) from None
-    flops = _timing.gpt_flops_per_token(n_params, cfg.n_layer, cfg.n_embd, t) * batch * t
-    amp = f"{str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype is not None else "float32"
-    desc = f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} B={batch} T={t} {amp}" + (", AdamW" if optimizer else ", fwd+bwd")
-    short = {"bfloat16 autocast": "bf16", "float16 autocast": "fp16", "float32": "fp32"}.get(amp, amp)
-    label = f"L{cfg.n_layer} C{cfg.n_embd} B{batch} T{t} {short}"
-    return GptStep(impl, step, context, batch * t, flops, n_params, first, desc, label)
-
-
-def gpt_record(step: GptStep, timing: _timing.Timing, ms: float, roofline: Optional[_timing.Roofline], device_name: str) -> Dict[str, object]:
-    """Tokens/s, achieved TFLOP/s and MFU of a timed training step (``ms`` per step)."""
-    tflops = step.flops_per_step / (ms * 1e-3) / 1e12
-    peak = _timing.nominal_peak_tflops(device_name) if device_name != "cpu" else None
-    return {
-        "op": "gpt",
-        "impl": step.impl,
-        "group": f"gpt step {step.description}",
-        "mode": "train step",
-        "shape": step.label,
-        "description": step.description,
-        "ms": ms,
-        "timing": timing.as_dict(),
-        "tokens_per_step": step.tokens,
-        "tokens_per_s": step.tokens / (ms * 1e-3),
-        "flops_per_step": step.flops_per_step,
-        "TFLOP/s": tflops,
-        "mfu_pct": 100.0 * tflops / peak if peak else None,
-        "mfu_peak_tflops": peak,
-        "pct_of_matmul": roofline.pct_of_matmul(tflops) if roofline is not None else None,
-        "first_loss": step.first_loss,
-        "n_params": step.n_params,
     }

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from fastgpt.kernels._triton_utils import Config, LaunchPlan
+from fastgpt.kernels._triton_utils import Config, LaunchPlan, interpreter_active
 
 __all__ = [
     "compile_plan",

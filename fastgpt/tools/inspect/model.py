@@ -1,0 +1,225 @@
+"""The shapes ``fastgpt inspect`` reads and its byte/FLOP model: minimum HBM bytes (each op's registry
+entry), the bytes the tiling requests, a simple L2 model, and the roofline time they imply
+(docs/design.md, 'Performance targets and the byte/FLOP model')."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+from fastgpt import registry
+from fastgpt.tools.inspect.gpus import Gpu
+
+
+# --------------------------------------------------------------------------------------------
+# the shapes
+# --------------------------------------------------------------------------------------------
+
+# Attention (B, Hq, Hk, Sq, Sk, D): head dims 64 / 128 / 256, causal and not, forward and backward,
+# GQA, and a decode step (one query, a long KV cache). "quick" cases make up `--quick`.
+ATTENTION_CASES: Tuple[Dict[str, Any], ...] = (
+    dict(name="gpt2-small", b=8, hq=12, hk=12, sq=1024, sk=1024, d=64, causal=True, dtype="bfloat16", passes=("fwd", "bwd"), quick=True),
+    dict(name="d64-full", b=8, hq=16, hk=16, sq=1024, sk=1024, d=64, causal=False, dtype="bfloat16", passes=("fwd", "bwd")),
+    dict(name="llama3-8b-gqa", b=1, hq=32, hk=8, sq=8192, sk=8192, d=128, causal=True, dtype="bfloat16", passes=("fwd", "bwd"), quick=True),
+    dict(name="d128-full", b=2, hq=32, hk=32, sq=4096, sk=4096, d=128, causal=False, dtype="bfloat16", passes=("fwd", "bwd")),
+    dict(name="d256-causal", b=1, hq=16, hk=16, sq=4096, sk=4096, d=256, causal=True, dtype="bfloat16", passes=("fwd", "bwd"), quick=True),
+    dict(name="d256-full", b=1, hq=16, hk=16, sq=4096, sk=4096, d=256, causal=False, dtype="bfloat16", passes=("fwd", "bwd")),
+    dict(name="decode-gqa-b8", b=8, hq=32, hk=8, sq=1, sk=8192, d=128, causal=True, dtype="bfloat16", passes=("fwd",), quick=True),
+    dict(name="decode-gqa-b1", b=1, hq=32, hk=8, sq=1, sk=8192, d=128, causal=True, dtype="bfloat16", passes=("fwd",), quick=True),
+    # the exact-fp32 path (CUDA-core FMA, small tiles): GPT-2 small, and the two buckets whose candidate
+    # lists the test suite leaves to this report (it compiles every fp32 candidate of bucket 32 only)
+    dict(name="gpt2-small-fp32", b=8, hq=12, hk=12, sq=1024, sk=1024, d=64, causal=True, dtype="float32", passes=("fwd", "bwd")),
+    dict(name="d128-fp32", b=1, hq=16, hk=16, sq=2048, sk=2048, d=128, causal=True, dtype="float32", passes=("fwd", "bwd")),
+    dict(name="d256-fp32", b=1, hq=16, hk=16, sq=2048, sk=2048, d=256, causal=True, dtype="float32", passes=("fwd", "bwd")),
+)
+
+# Layer norm / GELU on x (rows, cols): 8 x 1024 tokens; hidden 768 (GPT-2 small) .. 8192 (70B-class);
+# GELU on the MLP's 4 x hidden; two wide rows that take the multi-pass kernels.
+ROWS = 8 * 1024
+HIDDEN = (768, 1024, 1600, 2048, 4096, 8192)
+QUICK_HIDDEN = (768, 4096)
+CUDA_OPS = registry.names(lambda spec: "cuda" in spec.backends)
+
+
+def _cuda_cases(quick: bool) -> List[Dict[str, Any]]:
+    hidden = QUICK_HIDDEN if quick else HIDDEN
+    cases = []
+    for op in CUDA_OPS:
+        spec = registry.get(op)
+        width = spec.cases.width_factor if spec.cases else 1
+        shapes = [(ROWS, width * h) for h in hidden]
+        if not quick:
+            shapes += list(spec.report_shapes)
+        for rows, cols in shapes:
+            for pass_ in ("fwd", "bwd"):
+                cases.append(dict(name=f"{rows}x{cols}", op=op, pass_=pass_, rows=rows, cols=cols, dtype="bfloat16"))
+    return cases
+
+
+CUDA_CASES = _cuda_cases(False)
+
+# --------------------------------------------------------------------------------------------
+# the byte / FLOP model
+# --------------------------------------------------------------------------------------------
+
+TILING_MODEL = {
+    "tiled bytes": "global-memory bytes the kernel's loops request: each tile load and store counted every time it "
+                   "happens (K/V once per query tile, Q/dO once per key tile, each pass over a wide row, partial-sum rows)",
+    "hbm bytes": "tiled bytes after a simple L2 model: data re-read by programs that are resident at the same time, "
+                 "or whose working set in flight fits in half the L2, is fetched from HBM once",
+    "exec flops": "tensor-core FLOPs the tiles execute (full BLOCK_M x BLOCK_N x padded-head-dim tiles, masked "
+                  "elements included); 0 for the memory-bound ops",
+    "min bytes / useful flops": "each op's work model (docs/design.md, 'Performance targets and the byte/FLOP model'): every input read and every "
+                                "output written once; attention FLOPs 4*B*H*Sq*Sk*D, halved when causal, backward 2.5x",
+    "model time": "per launch max(hbm bytes / HBM bandwidth, exec flops / peak) / SM fill, where SM fill = "
+                  "min(1, programs / SMs) (a grid smaller than the GPU leaves SMs idle); launches of one op add up",
+    "ideal time": "max(min bytes / HBM bandwidth, useful flops / peak)",
+    "fraction of roofline": "ideal time / model time: what the tiling and launch structure leave of the roofline, "
+                            "before any latency, pipelining or clock effect (a model, not a measurement)",
+    "occupancy": "resident warps / 64 from registers (allocated per warp in units of 256), shared memory (+1 KiB "
+                 "reserved per block), threads and blocks per SM",
+}
+
+
+def _reused(sharers: int, group_bytes: float, resident: int, gpu: Gpu) -> bool:
+    """Whether data read by ``sharers`` consecutive programs comes from HBM once: they are all resident
+    together (they read it at about the same time), or the groups in flight fit in half the L2."""
+    if resident <= 0:
+        return False
+    if sharers <= resident:
+        return True
+    return (resident / sharers + 1) * group_bytes <= gpu.l2_bytes / 2
+
+
+def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, gpu: Gpu) -> Dict[str, float]:
+    """Tiled bytes, HBM bytes and executed FLOPs of one attention launch (see TILING_MODEL).
+
+    The loop bounds are the kernels' own (kernels/flash_attention.py): the forward and dQ kernels
+    visit key tiles [0, hi) per query tile (hi = the causal bound), the dK/dV kernel query tiles
+    [m_lo, Sq) per key tile for each query head of its GQA group.
+    """
+    b, hq, hk, sq, sk, d = (case[k] for k in ("b", "hq", "hk", "sq", "sk", "d"))
+    dv = case.get("dv", d)
+    e = 4 if case["dtype"] == "float32" else 2
+    group, off, causal = hq // hk, sk - sq, case["causal"]
+    bm, bn = rec["config"]["block_m"], rec["config"]["block_n"]
+    bd, bdv = rec["block_d"], rec["block_dv"]
+    kernel = rec["kernel"]
+    if kernel == "bwd_preprocess":
+        nbytes = b * hq * sq * (2 * dv * e + 4 + 8)  # read O, dO, lse; write delta, lse2
+        return {"tiled_bytes": nbytes, "hbm_bytes": nbytes, "exec_flops": 0.0}
+    if kernel in ("fwd", "bwd_dq"):
+        n_m = -(-sq // bm)
+        key_rows = key_tiles = 0
+        for t in range(n_m):
+            m0 = t * bm
+            hi = max(min(sk, m0 + bm + off), 0) if causal else sk
+            tiles = -(-hi // bn)
+            key_tiles += tiles
+            key_rows += min(tiles * bn, sk)
+        if kernel == "fwd":
+            own = sq * (d * e + dv * e + 4)  # Q read, O and lse written
+            flops_per_tile = 2 * bm * bn * (bd + bdv)
+        else:
+            own = sq * ((d + dv) * e + 8 + d * e)  # Q, dO, lse2, delta read, dQ written
+            flops_per_tile = 2 * bm * bn * (2 * bd + bdv)
+        kv_tiled = key_rows * (d + dv) * e
+        heads = b * hq
+        kv_once = b * hk * sk * (d + dv) * e
+        hit = _reused(group * n_m, sk * (d + dv) * e, resident, gpu)
+        return {"tiled_bytes": heads * (own + kv_tiled), "hbm_bytes": heads * own + (kv_once if hit else heads * kv_tiled),
+                "exec_flops": float(heads * key_tiles * flops_per_tile)}
+    if kernel == "bwd_dkdv":
+        n_n = -(-sk // bn)
+        q_rows = q_tiles = 0
+        for j in range(n_n):
+            m_lo = max(j * bn - off, 0) // bm * bm if causal else 0
+            rows = max(sq - m_lo, 0)
+            q_rows += rows
+            q_tiles += -(-rows // bm)
+        own = sk * (d + dv) * e * 2  # K, V read, dK, dV written
+        per_q_row = (d + dv) * e + 8  # Q, dO, lse2, delta
+        q_tiled = group * q_rows * per_q_row
+        q_once = b * hq * sq * per_q_row
+        hit = _reused(n_n, group * sq * per_q_row, resident, gpu)
+        return {"tiled_bytes": b * hk * (own + q_tiled), "hbm_bytes": b * hk * own + (q_once if hit else b * hk * q_tiled),
+                "exec_flops": float(b * hk * group * q_tiles * 2 * bm * bn * (2 * bd + 2 * bdv))}
+    raise ValueError(f"no byte model for attention kernel {kernel!r}")
+
+
+def _attention_work(case: Dict[str, Any], pass_: str) -> Tuple[float, float]:
+    """(min bytes, useful FLOPs) of an attention pass: fastgpt._timing's FLOP convention; every input
+    read and output written once."""
+    from fastgpt.tools.bench import timing as _timing
+
+    b, hq, hk, sq, sk, d = (case[k] for k in ("b", "hq", "hk", "sq", "sk", "d"))
+    dv = case.get("dv", d)
+    e = 4 if case["dtype"] == "float32" else 2
+    if case["causal"] and sq not in (1, sk):
+        raise ValueError("the FLOP convention covers causal attention with Sq == Sk (or a one-query decode step)")
+    causal = case["causal"] and sq == sk and sq > 1  # one query sees every key (bottom-right causal)
+    kv = b * hk * sk * (d + dv) * e
+    if pass_ == "fwd":
+        min_bytes = b * hq * sq * (d * e + dv * e + 4) + kv
+    else:  # read Q, O, dO, lse, K, V; write dQ, dK, dV
+        min_bytes = b * hq * sq * (2 * d * e + 2 * dv * e + 4) + 2 * kv
+    return float(min_bytes), _timing.attention_flops(b, hq, sq, sk, d, causal=causal, mode=pass_)
+
+
+def _cuda_min_bytes(case: Dict[str, Any]) -> float:
+    """The bytes one pass must move: the op's byte model (its registry entry)."""
+    import torch
+
+    dims = {"M": case["rows"], "N": case["cols"]}
+    _, amount = registry.get(case["op"]).cases.work(dims, getattr(torch, case["dtype"]), case["pass_"])
+    return float(amount)
+
+
+def _cuda_model(launch: Dict[str, Any], case: Dict[str, Any], workspace: int, resident_blocks: int, gpu: Gpu) -> Dict[str, float]:
+    """Tiled and HBM bytes of one csrc launch (see TILING_MODEL), from what each kernel reads and writes.
+
+    x and the gradients are (rows, cols) in x's dtype (e bytes), parameters (cols,) in the same
+    dtype, mean/rstd float32 per row, partial-sum rows float32 (the workspace, written once by the
+    main kernel and read once by column_sums_kernel).
+    """
+    m, n = case["rows"], case["cols"]
+    e = 4 if case["dtype"] == "float32" else 2
+    p = e
+    mn = m * n * e
+    residual = case["op"] == "add_layer_norm"
+    bwd = case["pass_"] == "bwd"
+    name = launch["kernel"].split("<")[0]
+    rows_per_block = launch["block"][1]
+    row_iterations = -(-m // rows_per_block)  # blocks x grid-stride steps: each re-reads the parameters (from L2)
+    if name == "layer_norm_fwd_kernel":
+        once = mn * (2 + (2 if residual else 0)) + 8 * m  # x (+ residual, sum) and y; mean, rstd
+        return {"tiled_bytes": once + row_iterations * 2 * n * p, "hbm_bytes": once + 2 * n * p}
+    if name == "layer_norm_fwd_big_kernel":
+        # pass 1 reads x (+ residual, writes the sum); passes 2 and 3 re-read the row (x or the sum)
+        once = mn * (2 + (2 if residual else 0)) + 8 * m
+        rereads = 2 * mn
+        hit = resident_blocks * n * e <= gpu.l2_bytes / 2  # the rows in flight stay in L2 between passes
+        return {"tiled_bytes": once + rereads + m * 2 * n * p, "hbm_bytes": once + (0 if hit else rereads) + 2 * n * p}
+    if name == "layer_norm_bwd_kernel":
+        once = mn * (3 + (1 if residual else 0)) + 8 * m + workspace  # dy, x (+ dsum) read, dx written; partials
+        return {"tiled_bytes": once + row_iterations * 2 * n * p, "hbm_bytes": once + n * p}
+    if name == "layer_norm_bwd_big_kernel":
+        once = mn * (3 + (1 if residual else 0)) + 8 * m
+        rereads = 2 * mn  # the second pass reads x and dy again
+        hit = resident_blocks * 2 * n * e <= gpu.l2_bytes / 2
+        return {"tiled_bytes": once + rereads + m * 2 * n * p, "hbm_bytes": once + (0 if hit else rereads) + n * p}
+    if name == "layer_norm_bwd_params_kernel":
+        col_blocks = launch["grid"][0]
+        nbytes = 2 * mn + workspace  # x and dy read a third time (column-wise), partials written
+        return {"tiled_bytes": nbytes + 8 * m * col_blocks, "hbm_bytes": nbytes + 8 * m}
+    if name == "column_sums_kernel":
+        outputs = 2 if "layer_norm" in case["op"] else 1
+        nbytes = workspace + outputs * n * p
+        return {"tiled_bytes": nbytes, "hbm_bytes": nbytes}
+    if name == "gelu_kernel":
+        nbytes = (3 if bwd else 2) * mn
+        return {"tiled_bytes": nbytes, "hbm_bytes": nbytes}
+    if name == "bias_gelu_kernel":
+        bias_reads = launch["grid"][1] * launch["block"][1]  # each thread loads its bias pack once
+        nbytes = (3 if bwd else 2) * mn + (workspace if bwd else 0)
+        return {"tiled_bytes": nbytes + bias_reads * n * p, "hbm_bytes": nbytes + n * p}
+    raise ValueError(f"no byte model for CUDA kernel {launch['kernel']!r}: add one to fastgpt/kernel_report.py")
