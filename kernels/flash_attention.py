@@ -254,6 +254,33 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The query tile of this program (forward and dQ kernels) and the key range it visits.
+
+    Returns (bh, b, h, hk, m0, causal_offset, full, hi): the (batch, head) index and its parts, hk
+    the kv head of query head h (GQA), m0 the tile's first row; key tiles [0, full) are visible to
+    every row of the tile, [full, hi) need the causal mask. Causal grids run the longest rows first
+    (better tail balance).
+    """
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(Sq, BLOCK_M)
+    bh = pid // n_m_tiles
+    tile = pid % n_m_tiles
+    if IS_CAUSAL:
+        tile = n_m_tiles - 1 - tile
+    h = bh % Hq
+    m0 = tile * BLOCK_M
+    causal_offset = Sk - Sq
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset), 0)
+        full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
+    else:
+        hi = Sk
+        full = Sk // BLOCK_N * BLOCK_N
+    return bh, bh // Hq, h, h // GROUP, m0, causal_offset, full, hi
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
     k_base, v_base, sks, skd, svs, svd,
@@ -302,16 +329,7 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_m_tiles = tl.cdiv(Sq, BLOCK_M)
-    bh = pid // n_m_tiles
-    tile = pid % n_m_tiles
-    if IS_CAUSAL:
-        tile = n_m_tiles - 1 - tile  # the longest rows first: better tail balance
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    m0 = tile * BLOCK_M
+    bh, b, h, hk, m0, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL, BLOCK_M, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -320,15 +338,6 @@ def _attn_fwd_kernel(
     v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
     q = _load_tile(_head_ptr(Q, b, sqb, h, sqh, ALIGN), offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
-
-    # key tiles [0, full) are visible to every row of this Q tile; [full, hi) need masks
-    causal_offset = Sk - Sq
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset), 0)
-        full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
-    else:
-        hi = Sk
-        full = Sk // BLOCK_N * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -523,16 +532,7 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_m_tiles = tl.cdiv(Sq, BLOCK_M)
-    bh = pid // n_m_tiles
-    tile = pid % n_m_tiles
-    if IS_CAUSAL:
-        tile = n_m_tiles - 1 - tile
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // GROUP
-    m0 = tile * BLOCK_M
+    bh, b, h, hk, m0, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL, BLOCK_M, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -546,14 +546,6 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + row, mask=offs_m < Sq, other=0.0)
     k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)
     v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
-
-    causal_offset = Sk - Sq
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset), 0)
-        full = tl.minimum(tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
-    else:
-        hi = Sk
-        full = Sk // BLOCK_N * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
