@@ -75,7 +75,7 @@ __all__ = [
     "main",
 ]
 
-READER_VERSION = 1  # bump when what is read from a compiled kernel changes (invalidates the cache)
+READER_VERSION = 2  # bump when what is read from a compiled kernel changes (invalidates the cache)
 
 # --------------------------------------------------------------------------------------------
 # the GPUs modelled

@@ -187,12 +187,14 @@ def attention_oracle(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
 
 def reset_backend_state(monkeypatch) -> None:
     """For test fixtures: auto dispatch, strict off (FASTGPT_BACKEND / FASTGPT_STRICT unset through
-    pytest's ``monkeypatch``), and no fallback already reported."""
+    pytest's ``monkeypatch``), no fallback already reported, and no op's last choice recorded (so a
+    test's ``last_choice`` check sees its own calls only)."""
     from fastgpt import backends
 
     monkeypatch.delenv("FASTGPT_BACKEND", raising=False)
     monkeypatch.delenv("FASTGPT_STRICT", raising=False)
     backends.reset_warnings()
+    backends.reset_last_choices()
 
 
 # --------------------------------------------------------------------------------------------
