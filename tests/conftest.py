@@ -7,6 +7,7 @@ FallbackWarning in them is an error (unless also marked ``fallback_ok``).
 """
 
 import os
+import random
 import sys
 
 import torch
@@ -47,7 +48,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_backend_state(monkeypatch):
-    """Each test starts with auto dispatch, strict off, and no fallback already reported."""
+    """Each test starts with auto dispatch, strict off, no fallback already reported, and torch's and
+    Python's global random generators seeded (a test's unseeded draws are the same in any order)."""
+    random.seed(0)
+    torch.manual_seed(0)
     reset_backend_state(monkeypatch)
     yield
     backends.reset_warnings()
