@@ -10,7 +10,8 @@ way, so each failure is the bug's doing. The checks are the suite's own (``CHECK
 of tests/test_numeric_edges.py. Shapes are the smallest that reach the planted line with the
 interpreter's tiles (forward and dQ: 32 queries x 16 keys; dK/dV: 16 queries x 32 keys).
 
-Runs on the CPU (TRITON_INTERPRET=1) and on a GPU alike.
+Runs under the interpreter (the CPU CI); on a GPU every mutant would be a fresh compile of four
+kernels (minutes of device time), so there the tests skip with that reason.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from fastgpt.kernels import flash_attention as fa  # noqa: E402
 from fastgpt.kernels._triton_utils import interpreter_active  # noqa: E402
 
 SOURCE = Path(fa.__file__)
+pytestmark = pytest.mark.skipif(not interpreter_active(), reason="mutants run under TRITON_INTERPRET=1 (on a GPU each "
+                                "would be a fresh compile of four kernels: minutes of device time)")
 
 # name: (pattern, replacement, check). Patterns are short and name one line of one kernel; where a
 # line is shared by the forward and dQ kernels, the neighbouring text picks one.
