@@ -80,7 +80,7 @@ def _default_config_on_gpu(monkeypatch):
     monkeypatch.setenv("FASTGPT_AUTOTUNE", "0")
 
 
-def check_case(case: Case, device, entry: str = "attention", scale: Optional[float] = None):
+def check_case(case: Case, device, entry: str = "attention", scale: Optional[float] = None, tight: bool = False):
     """check_against_torch for one case through one public entry point, on the strict triton backend.
 
     ``flash_attn_func`` gets (B, S, H, D) tensors, as its callers store them. The whole check runs
@@ -107,7 +107,7 @@ def check_case(case: Case, device, entry: str = "attention", scale: Optional[flo
         raise ValueError(entry)
     with fastgpt.use_backend("triton", strict=True):
         check_against_torch(str(case), kernel_fn, torch_fn, [q, k, v], case.dtype)
-        if entry == "attention" and case.dtype in (torch.float16, torch.bfloat16):
+        if tight and entry == "attention" and case.dtype in (torch.float16, torch.bfloat16):
             # and the tight rule: no worse than float32 math rounded only where a kernel must (the
             # interpreter rounds to bfloat16 toward zero, a GPU to nearest)
             check_attention_tight(str(case), kernel_fn, q, k, v, case.causal, scale, case.dtype,
@@ -181,7 +181,7 @@ def test_matrix_covers_every_pair_and_the_causal_length_grid():
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernel_matches_float64_oracle_forward_and_gradients(case, device, launches):
-    check_case(case, device)
+    check_case(case, device, tight=True)
     assert {p.name for p in launches} == ALL_KERNELS
 
 
