@@ -5,7 +5,7 @@ that forces ``use_backend("triton", strict=True)`` executes the real kernel code
 strides) on CPU tensors; with a GPU the same tests run on CUDA. The parity rule is DESIGN.md section 4
 (:func:`fastgpt.testing.check_against_torch`): the kernel, forward and all three gradients, may be no
 further from the float64 result than 2x (3x for gradients) what plain torch gets wrong in the same dtype;
-16-bit cases also meet the tight rule (:func:`fastgpt.testing.check_attention_tight`).
+16-bit cases of the covering matrix also meet the tight rule (:func:`fastgpt.testing.check_attention_tight`).
 
 The shape matrix is a pairwise covering set (every pair of values of any two factors appears in
 some case) plus every (Sq, Sk) pair under the causal mask; ``test_matrix_covers_*`` checks that.

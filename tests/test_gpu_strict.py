@@ -97,3 +97,18 @@ def test_gpu_cuda_extension_honours_eps(n, dtype, residual, device):
 
     scale, shift = LOW_VARIANCE[dtype]
     check_layer_norm(cuda_ext.load(), 257, n, dtype, eps=EPS, x_scale=scale, x_shift=shift, residual=residual, device=device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_gpu_attention_meets_the_tight_16_bit_rule(dtype, causal, device, monkeypatch):
+    """The tight rule with the real kernels (tensor-core MMA, the default configs), many tiles."""
+    from fastgpt.testing import check_attention_tight
+
+    monkeypatch.setenv("FASTGPT_AUTOTUNE", "0")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g).to(device) for s in ((2, 4, 1000, 64), (2, 2, 1000, 64), (2, 2, 1000, 64)))
+    fn = lambda q, k, v: fastgpt.attention(q, k, v, causal=causal)  # noqa: E731
+    with fastgpt.use_backend("triton", strict=True):
+        check_attention_tight(f"GPU {dtype}", fn, q, k, v, causal, 64**-0.5, dtype)
