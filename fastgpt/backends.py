@@ -138,6 +138,12 @@ def reset_warnings() -> None:
         _warned.clear()
 
 
+def reset_last_choices() -> None:
+    """Forget every op's :func:`last_choice` (for tests: a later check then sees only later calls)."""
+    with _lock:
+        _last_choice.clear()
+
+
 # --------------------------------------------------------------------------------------------
 # availability of a backend for a device, independent of the op's own constraints
 # --------------------------------------------------------------------------------------------

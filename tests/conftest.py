@@ -2,10 +2,12 @@
 
 On a machine without a CUDA device the Triton interpreter is switched on *before* anything imports
 triton, so tests that force the ``triton`` backend execute the real kernel code on CPU tensors.
-Tests marked ``gpu`` are skipped, with the reason, when no CUDA device is present.
+Tests marked ``gpu`` are skipped, with the reason, when no CUDA device is present; with one, a
+FallbackWarning in them is an error (unless also marked ``fallback_ok``).
 """
 
 import os
+import random
 import sys
 
 import torch
@@ -29,6 +31,14 @@ if not HAS_CUDA:
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
+        # a GPU test that silently ran the reference would pass as a kernel test: a fallback is an
+        # error there (tests that expect one catch it with pytest.warns, or are marked fallback_ok)
+        # (the notice that CPU tensors run the reference ops stays ignored, as in pyproject.toml)
+        strict = pytest.mark.filterwarnings("error::fastgpt.backends.FallbackWarning",
+                                            "ignore:fastgpt. cpu tensors:fastgpt.backends.FallbackWarning")
+        for item in items:
+            if "gpu" in item.keywords and "fallback_ok" not in item.keywords:
+                item.add_marker(strict)
         return
     skip = pytest.mark.skip(reason="no CUDA device (torch.cuda.is_available() is False)")
     for item in items:
@@ -38,10 +48,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_backend_state(monkeypatch):
-    """Each test starts with auto dispatch, strict off, and no fallback already reported."""
+    """Each test starts with auto dispatch, strict off, no fallback already reported, and torch's and
+    Python's global random generators seeded (a test's unseeded draws are the same in any order)."""
+    random.seed(0)
+    torch.manual_seed(0)
     reset_backend_state(monkeypatch)
     yield
     backends.reset_warnings()
+    backends.reset_last_choices()
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before triton is import
 that forces ``use_backend("triton", strict=True)`` executes the real kernel code (masks, tile loops,
 strides) on CPU tensors; with a GPU the same tests run on CUDA. The parity rule is DESIGN.md section 4
 (:func:`fastgpt.testing.check_against_torch`): the kernel, forward and all three gradients, may be no
-further from the float64 result than 2x (3x for gradients) what plain torch gets wrong in the same dtype.
+further from the float64 result than 2x (3x for gradients) what plain torch gets wrong in the same dtype;
+16-bit cases of the covering matrix also meet the tight rule (:func:`fastgpt.testing.check_attention_tight`).
 
 The shape matrix is a pairwise covering set (every pair of values of any two factors appears in
 some case) plus every (Sq, Sk) pair under the causal mask; ``test_matrix_covers_*`` checks that.
@@ -19,7 +20,7 @@ import torch
 
 import fastgpt
 from fastgpt import backends
-from fastgpt.testing import attention_oracle, check_against_torch
+from fastgpt.testing import attention_oracle, check_against_torch, check_attention_tight
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
 from fastgpt.kernels import flash_attention as fa  # noqa: E402
@@ -79,7 +80,7 @@ def _default_config_on_gpu(monkeypatch):
     monkeypatch.setenv("FASTGPT_AUTOTUNE", "0")
 
 
-def check_case(case: Case, device, entry: str = "attention", scale: Optional[float] = None):
+def check_case(case: Case, device, entry: str = "attention", scale: Optional[float] = None, tight: bool = False):
     """check_against_torch for one case through one public entry point, on the strict triton backend.
 
     ``flash_attn_func`` gets (B, S, H, D) tensors, as its callers store them. The whole check runs
@@ -106,6 +107,11 @@ def check_case(case: Case, device, entry: str = "attention", scale: Optional[flo
         raise ValueError(entry)
     with fastgpt.use_backend("triton", strict=True):
         check_against_torch(str(case), kernel_fn, torch_fn, [q, k, v], case.dtype)
+        if tight and entry == "attention" and case.dtype in (torch.float16, torch.bfloat16):
+            # and the tight rule: no worse than float32 math rounded only where a kernel must (the
+            # interpreter rounds to bfloat16 toward zero, a GPU to nearest)
+            check_attention_tight(str(case), kernel_fn, q, k, v, case.causal, scale, case.dtype,
+                                  bf16_toward_zero=fa.interpreter_active())
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +181,7 @@ def test_matrix_covers_every_pair_and_the_causal_length_grid():
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernel_matches_float64_oracle_forward_and_gradients(case, device, launches):
-    check_case(case, device)
+    check_case(case, device, tight=True)
     assert {p.name for p in launches} == ALL_KERNELS
 
 
@@ -469,14 +475,19 @@ def test_gpu_every_config(kernel, bucket, device, monkeypatch):
     sq = 7 if kernel == "fwd_decode" else 333
     real = fa.configs_for
     for dtype in (torch.bfloat16, torch.float32):
+        ran, skipped = 0, []
         for config in real(kernel, bucket, dtype, interpreter=False):
             monkeypatch.setattr(fa, "configs_for", lambda name, *a, _c=config, **kw: (_c,) if name == kernel else real(name, *a, **kw))
             try:
                 check_case(Case(sq=sq, sk=517, d=d, heads=(4, 2), causal=True, dtype=dtype), device)
-            except OutOfResources:
-                continue  # a candidate larger than this GPU's shared memory: the tuner skips it too
+                ran += 1
+            except OutOfResources as exc:
+                skipped.append(f"{config}: {exc}")  # larger than this GPU's shared memory: the tuner skips it too
             finally:
                 monkeypatch.setattr(fa, "configs_for", real)
+        # the first (default) config is what runs untuned: it must fit, and so at least one must run
+        assert ran and not (skipped and skipped[0].startswith(str(real(kernel, bucket, dtype, interpreter=False)[0]))), (
+            f"{kernel} bucket {bucket} {dtype}: {ran} configs ran; out of resources: {skipped}")
 
 
 @pytest.mark.gpu

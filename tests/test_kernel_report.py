@@ -404,3 +404,41 @@ def test_decode_configs_compile_without_spills_and_use_tensor_cores(workers):
     for case in DECODE_CASES:
         n = len(fa.DECODE_CONFIGS[_case_bucket(case)])
         assert {i for c, i in compiled if c == case["name"]} == set(range(n)), f"{case['name']}: not every decode config compiled"
+
+
+# --------------------------------------------------------------------------------------------
+# what the interpreter cannot show: exact float32 dots and the absence of atomics, in the machine code
+# --------------------------------------------------------------------------------------------
+
+
+def test_float32_attention_kernels_use_no_tensor_core_mma(every_config):
+    """float32 inputs take exact "ieee" dots; TF32 (what tensor cores would run) breaks parity with
+    torch and the interpreter ignores input_precision, so only the SASS can show it: no HMMA/HGMMA."""
+    fp32 = [(r, arch, res) for r in every_config if r["default"] and r["case"].startswith("all-fp32")
+            for arch, res in r["resources"].items()]
+    assert len(fp32) == 2 * len(KERNELS), "every default fp32 kernel on both archs"
+    mma = [f"{_label(r, arch)}: {res['hmma']} HMMA, {res['hgmma']} HGMMA" for r, arch, res in fp32 if res["hmma"] + res["hgmma"]]
+    # (the dot precision is one constexpr for every head-dim bucket: the d=8 case stands for all;
+    # `fastgpt inspect` lists the MMA count of its d128/d256 fp32 cases too)
+    assert not mma, "tensor-core MMA in exact-fp32 attention:\n" + "\n".join(mma)
+    # and the count is live: the 16-bit kernels of the same compile have MMA
+    assert any(res["hmma"] + res["hgmma"] for r in every_config if r["default"] and not r["case"].startswith("all-fp32")
+               for res in r["resources"].values())
+
+
+def test_no_kernel_uses_atomics(every_config, awkward, cuda_code):
+    """Deterministic by construction (one writer per output element, fixed loop order): no ATOM/RED
+    in any default Triton attention kernel (16-bit and fp32) or any CUDA kernel of the extension."""
+    found = [f"{_label(r, arch)}: {res['atomics']} atomics" for r in every_config + awkward if r["default"]
+             for arch, res in r["resources"].items() if res["atomics"]]
+    found += [f"{name} on sm_{arch}: {res['atomics']} atomics" for (arch, name), res in cuda_code.items() if res["atomics"]]
+    assert not found, "\n".join(found)
+    assert sum(1 for r in every_config + awkward if r["default"]) >= 4 * len(KERNELS) and len(cuda_code) >= 8
+
+
+def test_atomics_are_counted():
+    from fastgpt.kernels._triton_utils import summarize_opcodes
+
+    counts = summarize_opcodes({"ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU": 2, "RED.E.ADD.F32.FTZ.RN.STRONG.GPU": 1,
+                                "REDG.E.ADD.STRONG.GPU": 1, "ATOMS.ADD": 1, "REDUX.SUM": 4, "FFMA": 3})
+    assert counts["atomics"] == 5 and counts["ffma"] == 3

@@ -132,15 +132,21 @@ def test_kv_cache_prefill_then_steps_equal_the_full_forward():
 
 
 def test_attention_dropout_applies_only_in_training():
+    torch.manual_seed(0)
     cfg = Cfg()
     cfg.dropout = 0.5
     module = CausalSelfAttention(cfg).eval()
+    no_dropout = CausalSelfAttention(Cfg()).eval()
+    no_dropout.load_state_dict(module.state_dict())
     x = torch.randn(2, 5, 48)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)  # eval: no dropout, nothing falls back
         with fastgpt.use_backend("reference"):
-            torch.testing.assert_close(module(x), module(x), rtol=0, atol=0)
+            # eval: exactly the module without dropout (same weights, dropout 0)
+            torch.testing.assert_close(module(x), no_dropout(x), rtol=0, atol=0)
     module.train()
     with pytest.warns(FallbackWarning, match="dropout"):
         y = module(x)
     assert y.shape == x.shape
+    # training: dropout applied (p = 0.5 changes the output; two draws differ)
+    assert not torch.allclose(y, no_dropout(x)) and not torch.allclose(module(x), y)

@@ -1,6 +1,6 @@
 // The CUDA emulator's runtime: fibers, the scheduler, barriers, shuffles, shared memory and the
 // emulated device. See cuda_shim.h for the mapping; the C functions at the end are what the Python
-// side (tests/cuda_emu/__init__.py) calls besides the kernels' own entry points.
+// side (fastgpt/tools/cuda_emu/__init__.py) calls besides the kernels' own entry points.
 #include "cuda_shim.h"
 
 #include <sys/mman.h>

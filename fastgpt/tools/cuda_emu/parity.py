@@ -43,13 +43,13 @@ def _randn(shape, seed: int, scale: float = 1.0, shift: float = 0.0, device="cpu
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ops, misalign_grads, x, residual, weight, bias):
+    def forward(ctx, ops, misalign_grads, x, residual, weight, bias, eps=EPS):
         if residual is None:
-            y, mean, rstd = ops.layer_norm_fwd(x, weight, bias, EPS)
+            y, mean, rstd = ops.layer_norm_fwd(x, weight, bias, eps)
             s = None
             ctx.save_for_backward(x, weight, mean, rstd)
         else:
-            y, s, mean, rstd = ops.add_layer_norm_fwd(x, residual, weight, bias, EPS)
+            y, s, mean, rstd = ops.add_layer_norm_fwd(x, residual, weight, bias, eps)
             ctx.save_for_backward(s, weight, mean, rstd)
         ctx.ops, ctx.misalign, ctx.add = ops, misalign_grads, residual is not None
         ctx.has_bias = bias is not None
@@ -67,7 +67,7 @@ class _LayerNorm(torch.autograd.Function):
         else:
             dx, dw, db = ctx.ops.layer_norm_bwd(dy, x, weight, mean, rstd, need_w, need_b)
         assert dw.shape == ((x.shape[1],) if need_w else (0,)) and db.shape == ((x.shape[1],) if need_b else (0,))
-        return None, None, dx, (dx if ctx.add else None), (dw if need_w else None), (db if need_b else None)
+        return None, None, dx, (dx if ctx.add else None), (dw if need_w else None), (db if need_b else None), None
 
 
 class _Gelu(torch.autograd.Function):
@@ -105,9 +105,13 @@ def check_layer_norm(
     weight_grad: bool = True,
     device="cpu",
     seed: int = 0,
+    eps: float = EPS,
+    x_scale: float = 2.0,
+    x_shift: float = 0.5,
 ):
-    """Layer norm (or add + layer norm) on (rows, n), forward and gradients, against F.layer_norm."""
-    x = _randn((rows, n), seed, scale=2.0, shift=0.5, device=device)
+    """Layer norm (or add + layer norm) on (rows, n), forward and gradients, against F.layer_norm;
+    x ~ x_scale * N(0, 1) + x_shift (a small scale and a large shift: low-variance rows, large means)."""
+    x = _randn((rows, n), seed, scale=x_scale, shift=x_shift, device=device)
     inputs = [x]
     if residual:
         inputs.append(_randn((rows, n), seed + 1, device=device))
@@ -130,16 +134,16 @@ def check_layer_norm(
             w = w.float() if w is not None else None
             b = b.float() if b is not None else None
         xx, r, w, b = (_maybe_misaligned(t, misalign) for t in (xx, r, w, b))
-        return _LayerNorm.apply(ops, misalign, xx, r, w, b)
+        return _LayerNorm.apply(ops, misalign, xx, r, w, b, eps)
 
     def torch_fn(*args):
         xx, r, w, b = unpack(args)
         if r is None:
-            return F.layer_norm(xx, (n,), w, b, EPS)
+            return F.layer_norm(xx, (n,), w, b, eps)
         s = xx + r
-        return F.layer_norm(s, (n,), w, b, EPS), s
+        return F.layer_norm(s, (n,), w, b, eps), s
 
-    name = f"{'add_' if residual else ''}layer_norm {rows}x{n} {dtype}"
+    name = f"{'add_' if residual else ''}layer_norm {rows}x{n} {dtype} eps={eps:g}"
     return check_against_torch(name, fn, torch_fn, inputs, dtype)
 
 

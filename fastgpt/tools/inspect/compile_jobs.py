@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
-READER_VERSION = 1  # bump when what is read from a compiled kernel changes (invalidates the cache)
+READER_VERSION = 2  # bump when what is read from a compiled kernel changes (invalidates the cache)
 
 
 # --------------------------------------------------------------------------------------------

@@ -240,11 +240,13 @@ def summarize_opcodes(opcodes) -> Dict[str, Any]:
 
     ``hmma`` (Ampere-style tensor-core MMA), ``hgmma`` (Hopper warpgroup MMA), ``ffma``, ``mufu``
     (special-function unit: exp2, rcp, rsqrt, tanh, ...) with a per-function breakdown, ``stl`` /
-    ``ldl`` (local memory stores and loads: register spills), and global memory accesses by width in
-    bits: ``ldg`` (loads, the cp.async LDGSTS included) and ``stg`` (stores), e.g. {128: 8, 16: 2}.
+    ``ldl`` (local memory stores and loads: register spills), ``atomics`` (ATOM, ATOMG, ATOMS, RED,
+    REDG: atomic read-modify-writes, whose order, and so float sums, vary run to run), and global
+    memory accesses by width in bits: ``ldg`` (loads, the cp.async LDGSTS included) and ``stg``
+    (stores), e.g. {128: 8, 16: 2}.
     """
     out: Dict[str, Any] = {"hmma": 0, "hgmma": 0, "ffma": 0, "mufu": 0, "mufu_by_function": {}, "stl": 0, "ldl": 0,
-                           "ldg": {}, "stg": {}}
+                           "atomics": 0, "ldg": {}, "stg": {}}
     for opcode, n in opcodes.items():
         base = opcode.split(".")[0]
         if base in ("HMMA", "HGMMA", "FFMA"):
@@ -255,6 +257,8 @@ def summarize_opcodes(opcodes) -> Dict[str, Any]:
             out["mufu_by_function"][fn] = out["mufu_by_function"].get(fn, 0) + n
         elif base in ("STL", "LDL"):
             out[base.lower()] += n
+        elif base in ("ATOM", "ATOMG", "ATOMS", "RED", "REDG"):
+            out["atomics"] += n
         elif base in ("LDG", "LDGSTS", "STG"):
             key = "stg" if base == "STG" else "ldg"
             bits = _access_bits(opcode)

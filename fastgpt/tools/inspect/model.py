@@ -222,4 +222,4 @@ def _cuda_model(launch: Dict[str, Any], case: Dict[str, Any], workspace: int, re
         bias_reads = launch["grid"][1] * launch["block"][1]  # each thread loads its bias pack once
         nbytes = (3 if bwd else 2) * mn + (workspace if bwd else 0)
         return {"tiled_bytes": nbytes + bias_reads * n * p, "hbm_bytes": nbytes + n * p}
-    raise ValueError(f"no byte model for CUDA kernel {launch['kernel']!r}: add one to fastgpt/kernel_report.py")
+    raise ValueError(f"no byte model for CUDA kernel {launch['kernel']!r}: add one to fastgpt/tools/inspect/model.py")

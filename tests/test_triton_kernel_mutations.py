@@ -1,0 +1,235 @@
+"""The attention tests cannot pass vacuously: Triton kernels with planted bugs fail them.
+
+Each mutation edits the source text of ``kernels/flash_attention.py`` in one place (its pattern must
+occur exactly once, so a refactor of the kernel breaks this test loudly instead of silently testing
+nothing), loads the edited copy as a separate module, routes the ``triton`` backend to it, and runs
+one focused check; the check must fail. The same checks pass on an unedited copy loaded the same
+way, so each failure is the bug's doing. The checks are the suite's own (``CHECKS``): the parity rule
+(:func:`fastgpt.testing.check_against_torch`), the tight 16-bit rule
+(:func:`fastgpt.testing.check_attention_tight`), the log-sum-exp check, the extreme-score checks
+of tests/test_numeric_edges.py. Shapes are the smallest that reach the planted line with the
+interpreter's tiles (forward and dQ: 32 queries x 16 keys; dK/dV: 16 queries x 32 keys).
+
+Runs under the interpreter (the CPU CI); on a GPU every mutant would be a fresh compile of four
+kernels (minutes of device time), so there the tests skip with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastgpt
+import fastgpt.kernels
+from fastgpt.testing import attention_oracle, check_against_torch, check_attention_tight
+
+pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
+from fastgpt.kernels import flash_attention as fa  # noqa: E402
+from fastgpt.kernels._triton_utils import interpreter_active  # noqa: E402
+
+SOURCE = Path(fa.__file__)
+pytestmark = pytest.mark.skipif(not interpreter_active(), reason="mutants run under TRITON_INTERPRET=1 (on a GPU each "
+                                "would be a fresh compile of four kernels: minutes of device time)")
+
+# name: (pattern, replacement, check). Patterns are short and name one line of one kernel; where a
+# line is shared by the forward and dQ kernels, the neighbouring text picks one.
+MUTATIONS = {
+    # causal tile bounds
+    "fwd: masked key loop stops one tile early": (
+        "offs_dv, full, hi, Sk", "offs_dv, full, hi - BLOCK_N, Sk", "causal"),
+    "fwd: causal diagonal off by one (< for <=)": (
+        "<= offs_m[:, None] + causal_offset)\n            s = tl.where",
+        "< offs_m[:, None] + causal_offset)\n            s = tl.where", "causal"),
+    "dkdv: first query tile one tile late": (
+        "m_lo = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M",
+        "m_lo = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M + BLOCK_M", "causal"),
+    "dkdv: unmasked query tiles start one tile early": (
+        "m_full = tl.minimum(tl.maximum(m_full, m_lo), Sq)",
+        "m_full = tl.minimum(tl.maximum(m_full - BLOCK_M, m_lo), Sq)", "causal"),
+    "dkdv: causal diagonal off by one (< for <=)": (
+        "tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t",
+        "tl.where(offs_n[:, None] < offs_m[None, :] + causal_offset, p_t", "causal"),
+    "dq: masked key loop stops one tile early": (
+        "full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM",
+        "full, hi - BLOCK_N, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM", "causal"),
+    # ragged-tile masks
+    "fwd: key-bound mask of the ragged tile dropped": (
+        "if MASKED:\n            keep = offs_n[None, :] < Sk", "if MASKED:\n            keep = offs_n[None, :] < Sk + BLOCK_N",
+        "ragged"),
+    "dq: key-bound mask of the ragged tile dropped": (
+        "overflow for very negative lse\n            keep = offs_n[None, :] < Sk",
+        "overflow for very negative lse\n            keep = offs_n[None, :] < Sk + BLOCK_N", "negative scores"),
+    "fwd: rows that saw no key subtract -inf (nan)": (
+        "m_sub = tl.where(m_new == float(\"-inf\"), 0.0, m_new)", "m_sub = m_new", "causal"),
+    # the GQA mapping (interleaved instead of grouped)
+    "fwd: kv head of V interleaved": (
+        "v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)\n    q = _load_tile",
+        "v_base = _head_ptr(V, b, svb, h % (Hq // GROUP), svh, ALIGN)\n    q = _load_tile", "gqa"),
+    "dkdv: query heads of the group interleaved": ("h = hk * GROUP + g", "h = g * Hk + hk", "gqa"),
+    "dq: kv head of V interleaved": (
+        "v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)\n\n",
+        "v_base = _head_ptr(V, b, svb, h % (Hq // GROUP), svh, ALIGN)\n\n", "gqa"),
+    # scales
+    "fwd: exp instead of exp2 (log2(e) lost)": (
+        "p = tl.math.exp2(s - m_sub[:, None])", "p = tl.math.exp(s - m_sub[:, None])", "ragged"),
+    "fwd: lse left in the log2 domain": ("tl.math.log2(l_safe)) * 0.6931471805599453", "tl.math.log2(l_safe))", "lse"),
+    "dkdv: dK not scaled": ("sdkh, ALIGN), dk * scale,", "sdkh, ALIGN), dk,", "gqa"),
+    "dq: dQ not scaled": ("dq * scale, offs_m", "dq, offs_m", "gqa"),
+    "preprocess: dlse added, not subtracted": ("delta = delta - dlse", "delta = delta + dlse", "lse"),
+    # intermediates rounded to 16 bits
+    "fwd: scores rounded to 16 bits": (
+        "s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale",
+        "s = (_dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale).to(q.dtype).to(tl.float32)", "tight"),
+    "fwd: row sum l rounded to 16 bits": (
+        "l_i = l_i * alpha + tl.sum(p, 1)", "l_i = (l_i * alpha + tl.sum(p, 1)).to(q.dtype).to(tl.float32)", "tight"),
+    "dkdv: dP rounded to 16 bits": (
+        "dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)",
+        "dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION).to(do.dtype).to(tl.float32)", "tight"),
+    "dq: dP rounded to 16 bits": (
+        "dp = _dot(do, tl.trans(v), None, DOT_PRECISION)",
+        "dp = _dot(do, tl.trans(v), None, DOT_PRECISION).to(do.dtype).to(tl.float32)", "tight"),
+    # accumulators kept in 16 bits between tiles
+    "fwd: output accumulator in 16 bits": (
+        "acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)",
+        "acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION).to(v.dtype).to(tl.float32)", "tight"),
+    "dkdv: dV accumulator in 16 bits": (
+        "dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)",
+        "dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION).to(do.dtype).to(tl.float32)", "tight"),
+    "dkdv: dK accumulator in 16 bits": (
+        "dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)",
+        "dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION).to(q.dtype).to(tl.float32)", "tight"),
+    "dq: dQ accumulator in 16 bits": (
+        "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)",
+        "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION).to(k.dtype).to(tl.float32)", "tight, long keys"),
+}
+
+
+def _qkv(b, hq, hk, sq, sk, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).requires_grad_() for s in ((b, hq, sq, d), (b, hk, sk, d), (b, hk, sk, d))]
+
+
+def _parity(dtype, causal, sq, sk, heads=(2, 1), d=16, b=1):
+    def check(device):
+        q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(b, *heads, sq, sk, d))
+        scale = d**-0.5
+        check_against_torch(f"{sq}x{sk} {dtype}", lambda q, k, v: fastgpt.attention(q, k, v, causal=causal, scale=scale),
+                            lambda q, k, v: attention_oracle(q, k, v, causal, scale), [q, k, v], dtype)
+
+    return check
+
+
+def _tight(sq, sk, shift):
+    """The tight rule (causal, GQA 2:1, fp16) with q, k at twice unit size and, with ``shift``, K
+    along a common direction (4x), V and dO off zero (4, 2): then dP = dO @ V^T is large while
+    dP - delta is not, so rounding dP or a 16-bit accumulator costs more than the kernel's own
+    roundings. Several tiles along both lengths (accumulators) and ragged ends."""
+
+    def check(device):
+        g = torch.Generator().manual_seed(1)
+        u = torch.where(torch.arange(16) % 3 == 0, -1.0, 1.0)
+        q = 2 * torch.randn(1, 2, sq, 16, generator=g)
+        k = 2 * torch.randn(1, 1, sk, 16, generator=g) + 4 * shift * u
+        v = torch.randn(1, 1, sk, 16, generator=g) + 4 * shift
+        dout = torch.randn(1, 2, sq, 16, generator=g) + 2 * shift
+        fn = lambda q, k, v: fastgpt.attention(q, k, v, causal=True)  # noqa: E731
+        check_attention_tight(f"tight {sq}x{sk}", fn, *(t.to(device) for t in (q, k, v)), True, 0.25, torch.float16,
+                              dout=dout.to(device))
+
+    return check
+
+
+def _lse(device):
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 2, 1, 20, 24, 16))
+    import test_attention_triton as tat  # the suite's lse check
+
+    with fastgpt.use_backend("triton", strict=True):
+        check_against_torch("lse", lambda q, k, v: fastgpt.attention(q, k, v, causal=True, scale=0.3, return_lse=True),
+                            lambda q, k, v: tat.lse_oracle(q, k, v, True, 0.3), [q, k, v], torch.float32)
+
+
+def _negative_scores(device):
+    from test_numeric_edges import run_attention_check
+
+    run_attention_check("negative", torch.float32, False)
+
+
+CHECKS = {
+    # causal, Sq < Sk and Sq > Sk, ragged in both; float32 so small slips show
+    "causal": lambda device: (_parity(torch.float32, True, 40, 50)(device), _parity(torch.float32, True, 50, 40)(device)),
+    "ragged": _parity(torch.float32, False, 20, 20),
+    "gqa": _parity(torch.float32, False, 20, 20, heads=(4, 2)),
+    "tight": _tight(120, 70, 1),
+    # many key tiles per query tile: what the dQ accumulator sees
+    "tight, long keys": _tight(16, 256, 0),
+    "lse": _lse,
+    "negative scores": _negative_scores,
+}
+
+
+def _load(source: str, name: str, directory: Path):
+    """The flash-attention module from ``source``, written to ``directory`` (triton's interpreter and
+    JIT read their functions' source from the file), under a temporary name in fastgpt.kernels (so
+    its relative imports resolve); not entered in sys.modules."""
+    path = directory / f"_mutant_{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"fastgpt.kernels._mutant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mutant_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mutants")
+
+
+@pytest.fixture
+def route_triton_to(monkeypatch):
+    """Make the ``triton`` attention backend call ``module`` (strict: no fallback can hide a failure)."""
+
+    def route(module):
+        monkeypatch.setattr(fastgpt.kernels, "flash_attention", module)
+        monkeypatch.setitem(sys.modules, "fastgpt.kernels.flash_attention", module)
+
+    monkeypatch.setenv("FASTGPT_AUTOTUNE", "0")
+    return route
+
+
+def _run(check: str, device) -> None:
+    with fastgpt.use_backend("triton", strict=True):
+        CHECKS[check](device)
+
+
+@pytest.fixture(scope="module")
+def unedited(mutant_dir):
+    return _load(SOURCE.read_text(), "unedited", mutant_dir)
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_unedited_copy_passes_each_check(check, unedited, route_triton_to, device):
+    route_triton_to(unedited)
+    _run(check, device)
+
+
+def test_every_check_is_used_and_every_pattern_is_unique():
+    source = SOURCE.read_text()
+    counts = {name: source.count(pattern) for name, (pattern, _, _) in MUTATIONS.items()}
+    assert all(n == 1 for n in counts.values()), f"patterns that no longer name one place in {SOURCE.name}: " + str(
+        {name: n for name, n in counts.items() if n != 1})
+    assert {check for _, _, check in MUTATIONS.values()} == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_planted_bug_is_caught(name, route_triton_to, mutant_dir, device):
+    pattern, replacement, check = MUTATIONS[name]
+    source = SOURCE.read_text()
+    assert source.count(pattern) == 1, f"the pattern of {name!r} occurs {source.count(pattern)} times in {SOURCE.name}"
+    slug = "".join(c if c.isalnum() else "_" for c in name)[:60]
+    route_triton_to(_load(source.replace(pattern, replacement), slug, mutant_dir))
+    with pytest.raises(AssertionError, match="FAILS"):
+        _run(check, device)
