@@ -437,7 +437,7 @@ def test_no_kernel_uses_atomics(every_config, awkward, cuda_code):
 
 
 def test_atomics_are_counted():
-    from fastgpt.kernels._triton_utils import summarize_opcodes
+    from fastgpt.tools.inspect.compiling import summarize_opcodes
 
     counts = summarize_opcodes({"ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU": 2, "RED.E.ADD.F32.FTZ.RN.STRONG.GPU": 1,
                                 "REDG.E.ADD.STRONG.GPU": 1, "ATOMS.ADD": 1, "REDUX.SUM": 4, "FFMA": 3})
