@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fastgpt import reference
 from fastgpt.ops import _cuda_backend as cuda
-from fastgpt.ops._checks import HALF_DTYPES, check_param_dtype, check_same_device, check_same_dtype, check_tensor
+from fastgpt.ops._checks import HALF_DTYPES, check_int_shape, check_param_dtype, check_same_device, check_same_dtype, check_tensor
 from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -174,7 +174,7 @@ _add_layer_norm = FastgptOp(
 
 
 def _normalized_shape(fn: str, x: Tensor, normalized_shape: Union[int, Sequence[int], torch.Size]) -> Tuple[int, ...]:
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+    shape = check_int_shape(fn, "normalized_shape", normalized_shape)
     if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape) :]) != shape:
         raise ValueError(
             f"{fn}: normalized_shape {shape} must equal the trailing dims of x; x has shape {tuple(x.shape)}"
