@@ -30,6 +30,7 @@ import contextvars
 import importlib.util
 import os
 import shutil
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -290,7 +291,26 @@ def report_fallback(op: str, requested: str, reason: str, *, cpu_notice: bool = 
         )
     else:
         message = f"fastgpt.{op}: {requested} backend unavailable, using the reference ({reason})"
-    warnings.warn(message, FallbackWarning, stacklevel=3)
+    warnings.warn(message, FallbackWarning, stacklevel=_caller_stacklevel())
+
+
+_internal_dirs: Optional[Tuple[str, ...]] = None
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel for a warning issued in report_fallback that names the user's line: the first
+    frame outside fastgpt (and its kernels) and torch, whose autograd and custom-op machinery sits
+    between fastgpt's own frames. (warnings' skip_file_prefixes needs Python 3.12.)"""
+    global _internal_dirs
+    if _internal_dirs is None:
+        dirs = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__))]
+        spec = importlib.util.find_spec("fastgpt.kernels")
+        dirs += list(spec.submodule_search_locations or []) if spec is not None else []
+        _internal_dirs = tuple(os.path.join(d, "") for d in dirs)
+    frame, level = sys._getframe(2), 2  # level 2: report_fallback's caller
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_internal_dirs):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def select(op: str, device: torch.device, constraint: Optional[Constraint] = None) -> str:

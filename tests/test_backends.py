@@ -1,5 +1,6 @@
 """Backend dispatch: auto choice, forcing, strict mode, one-time warnings, explain()."""
 
+import sys
 import threading
 import warnings
 
@@ -253,6 +254,45 @@ def test_backward_uses_the_same_backend_as_forward():
         y = fastgpt.layer_norm(x, (8,))
         y.sum().backward()
     assert backends.last_choice("layer_norm") == backends.Choice("layer_norm", "reference", "requested")
+
+
+def _warned_at(call):
+    """Run call() (which must be written on one line with its own line number returned) and return
+    where its one FallbackWarning was attributed, and the line the call was made from."""
+    backends.reset_warnings()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = call()
+    found = _fallback_warnings(record)
+    assert len(found) == 1, [str(w.message) for w in found]
+    return (found[0].filename, found[0].lineno), (__file__, line)
+
+
+def test_fallback_warnings_name_the_callers_line(monkeypatch):
+    """Issue 17: every FallbackWarning named fastgpt/ops/_define.py; it must name this file and line."""
+    from fastgpt.ops import _define
+
+    x = torch.randn(4, 8)
+    # torch-shortcut path (auto on cpu tensors: the cpu notice)
+    got, want = _warned_at(lambda: (fastgpt.layer_norm(x, (8,)), sys._getframe().f_lineno)[1])
+    assert got == want
+    monkeypatch.setattr(_define, "TORCH_SHORTCUT", False)
+    with fastgpt.use_backend("cuda"):  # a fallback that is not the cpu notice, from inside the op
+        # eager path without autograd (the op's forward called directly)
+        got, want = _warned_at(lambda: (fastgpt.layer_norm(x, (8,)), sys._getframe().f_lineno)[1])
+        assert got == want
+        # eager path through the autograd.Function (torch's frames sit between fastgpt's)
+        xg = x.clone().requires_grad_()
+        got, want = _warned_at(lambda: (fastgpt.layer_norm(xg, (8,)), sys._getframe().f_lineno)[1])
+        assert got == want
+        # the registered custom op (what torch.compile calls), called directly
+        got, want = _warned_at(lambda: (torch.ops.fastgpt.layer_norm_fwd(x, None, None, 1e-5), sys._getframe().f_lineno)[1])
+        assert got == want
+        # attention's torch fallback (dense mask), from the public function
+        q = torch.randn(1, 1, 4, 8)
+        m = torch.ones(4, 4, dtype=torch.bool)
+        got, want = _warned_at(lambda: (fastgpt.scaled_dot_product_attention(q, q, q, attn_mask=m), sys._getframe().f_lineno)[1])
+        assert got == want
 
 
 def test_empty_tensors_need_no_backend():
