@@ -239,7 +239,10 @@ def _torch_sdpa_shortcut(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale
         return None
     if k.numel() == 0 or not reference_serves("attention", q, _kernel_constraint(q, k, v)):
         return None
-    return _torch_sdpa(q, k, v, is_causal=is_causal and sq == sk and sq > 1, scale=scale)
+    torch_causal = is_causal and sq == sk and sq > 1
+    if not reference.fused_attention_ok(q, k, v, torch_causal, scale):
+        return None  # NaN or huge scores: the explicit reference gives fastgpt's semantics
+    return _torch_sdpa(q, k, v, is_causal=torch_causal, scale=scale)
 
 
 def _default_scale(scale: Optional[float], d: int) -> float:
