@@ -96,24 +96,21 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-# Beyond this bound on |score| a recomputed score (another summation order) can be off by enough to
-# overflow exp in float32 (an error of eps * D * |s| > 88): such calls take the explicit path, which
-# recomputes exactly the forward's scores.
-_FUSED_SCORE_BOUND = 1e4
+# A bound on |score| below which torch's fused attention is used: its backward recomputes the scores
+# in another order, off by up to ~D * eps * |s| (float32: < 20 here, far from exp's overflow at 88).
+_FUSED_SCORE_BOUND = 1e6
 
 
 def fused_attention_ok(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> bool:
     """True when torch's fused attention computes this call as the explicit reference does: no NaN in
     q or k (the fused CPU kernel hides them; a NaN query row must give NaN), no NaN in v under a
-    causal mask (it would reach rows that cannot see it: 0 * nan), and scores bounded by
-    :data:`_FUSED_SCORE_BOUND` (Cauchy-Schwarz: scale * max |q_i| * max |k_j|; a NaN or inf fails).
-    One pass over q and k (and v when causal); the ops check it before taking torch's fused path."""
+    causal mask (it would reach rows that cannot see it: 0 * nan), and |scores| <= scale * D *
+    max|q| * max|k| within :data:`_FUSED_SCORE_BOUND`. A few reductions; run before the fused path."""
     cd = compute_dtype(q.dtype)
-    bound = abs(scale) * torch.linalg.vector_norm(q, dim=-1, dtype=cd).amax() * torch.linalg.vector_norm(k, dim=-1, dtype=cd).amax()
-    ok = bound <= _FUSED_SCORE_BOUND  # False for NaN
+    bound = torch.linalg.vector_norm(q, math.inf, dtype=cd) * torch.linalg.vector_norm(k, math.inf, dtype=cd)
     if is_causal:
-        ok = ok & ~torch.isnan(v.sum(dtype=cd))  # a NaN anywhere in v makes the sum NaN
-    return bool(ok)
+        bound = bound + v.sum(dtype=cd) * 0.0  # a NaN (or inf) anywhere in v makes it NaN
+    return bool(bound * (abs(scale) * q.shape[-1]) <= _FUSED_SCORE_BOUND)  # False for NaN
 
 
 def _cpu_flash_causal(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Optional[bool]:
@@ -211,7 +208,9 @@ def attention_backward(
     dp = torch.matmul(do_c, v_e.transpose(-2, -1))
     ds = torch.where(keep, p * (dp - delta[..., None]), zero)
     dq = torch.matmul(ds, _expand_kv(k.to(cd), hq)) * scale
-    dk = _sum_groups(torch.matmul(ds.transpose(-2, -1), q.to(cd)) * scale, hk)
+    q_c = q.to(cd)
+    # a NaN query reaches the keys it sees through its dS; a masked dS = 0 must not meet it (0 * nan)
+    dk = _sum_groups(torch.matmul(ds.transpose(-2, -1), torch.where(torch.isnan(q_c), zero, q_c)) * scale, hk)
     dv = _sum_groups(torch.matmul(p.transpose(-2, -1), do_c), hk)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

@@ -284,11 +284,15 @@ def _fwd_inner(
         acc = acc * alpha[:, None]
         if MASKED:
             # P = 0 does not stop 0 * nan in the dot: a NaN value must reach only the rows that see
-            # its key, so NaNs are dotted separately, through the mask (only these edge tiles pay)
+            # its key. Dot without the NaNs, then set column d of the rows that see the first key
+            # holding a NaN in column d (keys past Sk load as 0; only these edge tiles pay).
             v_nan = v != v
             acc = _dot(p.to(v.dtype), tl.where(v_nan, 0.0, v), acc, DOT_PRECISION)
-            seen = _dot(keep.to(v.dtype), v_nan.to(v.dtype), None, DOT_PRECISION)
-            acc = tl.where(seen > 0, float("nan"), acc)
+            nan_from = tl.min(tl.where(v_nan, offs_n[:, None], 2147483647), 0)
+            if IS_CAUSAL:
+                acc = tl.where(nan_from[None, :] <= offs_m[:, None] + causal_offset, float("nan"), acc)
+            else:
+                acc = tl.where(nan_from[None, :] < Sk, float("nan"), acc)
         else:
             acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
@@ -412,6 +416,14 @@ def _at_most_zero(x):
 
 
 @triton.jit
+def _nan_to_zero(v):
+    """x with NaN read as 0 where a masked entry would multiply it (0 * nan): V in dP = dO @ V^T
+    (the rows that see a NaN value get NaN through delta = rowsum(dO * O)) and Q in dK = dS^T @ Q
+    (the keys a NaN query sees get NaN through its dS)."""
+    return tl.where(v != v, 0.0, v)
+
+
+@triton.jit
 def _dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, lse2_base, delta_base, sqs, sqd, sdos, sdod,
@@ -429,15 +441,17 @@ def _dkdv_inner(
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION)
         p_t = tl.math.exp2(_at_most_zero(s_t * qk_scale - lse2[None, :]))
         if MASKED:
-            keep_t = offs_n[:, None] <= offs_m[None, :] + causal_offset
-            p_t = tl.where(keep_t, p_t, 0.0)
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
         do = _load_tile(do_base, offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV, ALIGN)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if MASKED:
-            ds_t = tl.where(keep_t, ds_t, 0.0)  # 0 * nan: a NaN value row the query cannot see
+            # a masked entry contributes nothing, also when delta or the query is NaN (0 * nan);
+            # the queries that see the key bring their NaN through dS
+            ds_t = tl.where(p_t == 0.0, 0.0, ds_t)
+            q = _nan_to_zero(q)
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
@@ -470,8 +484,8 @@ def _attn_bwd_dkdv_kernel(
 
     k = _load_tile(_head_ptr(K, b, skb, hk, skh, ALIGN), offs_n, sks, offs_d, skd, Sk, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
-    v = _load_tile(_head_ptr(V, b, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
-                   True, HEAD_DIM_V != BLOCK_DV, ALIGN)
+    v = _nan_to_zero(_load_tile(_head_ptr(V, b, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
+                                True, HEAD_DIM_V != BLOCK_DV, ALIGN))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -518,6 +532,8 @@ def _dq_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
+        if MASKED:
+            v = _nan_to_zero(v)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION)
         p = tl.math.exp2(_at_most_zero(s * qk_scale - lse2[:, None]))
         if MASKED:
@@ -528,8 +544,6 @@ def _dq_inner(
             p = tl.where(keep, p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        if MASKED:
-            ds = tl.where(keep, ds, 0.0)  # 0 * nan: a NaN value row the query cannot see
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 

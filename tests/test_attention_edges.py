@@ -2,7 +2,8 @@
 
 * a NaN in value row j reaches only the output rows of the queries that see key j; rows that see no
   key give zeros and zero gradients whatever v holds;
-* a NaN in query row i makes output row i NaN (as torch's math does) and leaves the other rows alone;
+* a NaN in query row i makes output row i, dq row i and the dk/dv rows of the keys it sees NaN (as
+  torch's math does) and leaves every other row alone;
 * a huge scale (1e10 in float32) gives finite gradients.
 
 Paths: the reference through torch's fused attention (the eager shortcut, TORCH_SHORTCUT on), the
@@ -85,8 +86,9 @@ def test_nan_in_a_query_row_makes_that_row_nan_and_no_other(path, causal, device
     _same(path, out[:, :, others], clean[0][:, :, others])
     _same(path, dq[:, :, others], clean[1][:, :, others])
     seen_by_3 = _sees(20, 20, causal, device)[3]
-    assert torch.isnan(dv[:, :, seen_by_3]).all()
-    _same(path, dv[:, :, ~seen_by_3], clean[3][:, :, ~seen_by_3])
+    for got, want in ((dk, clean[2]), (dv, clean[3])):  # the keys the NaN query sees, and no other
+        assert torch.isnan(got[:, :, seen_by_3]).all()
+        _same(path, got[:, :, ~seen_by_3], want[:, :, ~seen_by_3])
 
 
 def test_nan_patterns_agree_on_every_path(device, monkeypatch):
