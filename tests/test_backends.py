@@ -248,6 +248,24 @@ def test_a_backward_on_another_thread_runs_under_the_forwards_use_backend(monkey
     assert seen == [("layer_norm", "reference", True)]
     assert x.grad is not None and _state() == ("auto", False)
 
+def test_an_attention_backward_on_another_thread_runs_the_forwards_kernel(device, monkeypatch):
+    """The Triton kernel (the interpreter on CPU) chosen in the forward also runs the backward that
+    another thread executes, with no block of its own (autograd's worker thread, for CUDA tensors)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from fastgpt.kernels import flash_attention as fa
+
+    launched = []
+    real_launch = fa.launch
+    monkeypatch.setattr(fa, "launch", lambda plan: (launched.append(plan.name), real_launch(plan))[1])
+    q = torch.randn(1, 2, 8, 16, device=device, requires_grad=True)
+    with fastgpt.use_backend("triton", strict=True):
+        out = fastgpt.attention(q, q, q, causal=True, return_lse=True)[0]
+    launched.clear()
+    _run_on_another_thread(lambda: out.sum().backward())
+    assert {"bwd_preprocess", "bwd_dkdv", "bwd_dq"} <= set(launched), launched
+    assert backends.last_choice("attention") == backends.Choice("attention", "triton", "requested")
+
+
 def test_backward_uses_the_same_backend_as_forward():
     x = torch.randn(4, 8, requires_grad=True)
     with fastgpt.use_backend("reference"):
