@@ -100,8 +100,7 @@ class FastgptOp:
             @staticmethod
             @once_differentiable
             def backward(ctx, *grads):
-                with backends.restored(ctx.backend_state):
-                    return backward(ctx, backward_op, *grads)
+                return backends.run_under(ctx.backend_state, backward, ctx, backward_op, *grads)
 
         Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
         self._eager = Eager
