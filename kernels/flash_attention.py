@@ -283,20 +283,31 @@ def _fwd_inner(
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
         acc = acc * alpha[:, None]
         if MASKED:
-            # P = 0 does not stop 0 * nan in the dot: a NaN value must reach only the rows that see
-            # its key. Dot without the NaNs, then set column d of the rows that see the first key
-            # holding a NaN in column d (keys past Sk load as 0; only these edge tiles pay).
-            v_nan = v != v
-            acc = _dot(p.to(v.dtype), tl.where(v_nan, 0.0, v), acc, DOT_PRECISION)
-            nan_from = tl.min(tl.where(v_nan, offs_n[:, None], 2147483647), 0)
-            if IS_CAUSAL:
-                acc = tl.where(nan_from[None, :] <= offs_m[:, None] + causal_offset, float("nan"), acc)
-            else:
-                acc = tl.where(nan_from[None, :] < Sk, float("nan"), acc)
-        else:
-            acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
+            # P = 0 does not stop 0 * nan in the dot: NaN values are read as 0 here, and put back in
+            # the rows that see them after the loops (_nan_values_seen)
+            v = _nan_to_zero(v)
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _nan_values_seen(out, v_base, svs, svd, offs_m, offs_dv, lo, hi, Sk, causal_offset,
+                     IS_CAUSAL: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+    """out with column d NaN in the rows that see a key of the edge tiles [lo, hi) whose value holds a
+    NaN in column d (the masked loop read them as 0). A second read of those few V tiles, after the
+    loops, so the loop itself carries no extra registers."""
+    nan_from = tl.full([BLOCK_DV], 2147483647, dtype=tl.int32)  # first key with a NaN, per column
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV, ALIGN)
+        nan_from = tl.minimum(nan_from, tl.min(tl.where(v != v, offs_n[:, None], 2147483647), 0))
+    if IS_CAUSAL:
+        seen = nan_from[None, :] <= offs_m[:, None] + causal_offset
+    else:
+        seen = nan_from[None, :] < Sk
+    return tl.where(seen, float("nan"), out)
 
 
 @triton.jit
@@ -355,7 +366,9 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    _store_tile(_head_ptr(Out, b, sob, h, soh, ALIGN), acc / l_safe[:, None], offs_m, sos, offs_dv, sod, Sq,
+    out = _nan_values_seen(acc / l_safe[:, None], v_base, svs, svd, offs_m, offs_dv, full, hi, Sk, causal_offset,
+                           IS_CAUSAL, HEAD_DIM_V, BLOCK_DV, BLOCK_N, ALIGN)
+    _store_tile(_head_ptr(Out, b, sob, h, soh, ALIGN), out, offs_m, sos, offs_dv, sod, Sq,
                 HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV, ALIGN)
     tl.store(_head_ptr(Lse, b, slb, h, slh, 1) + offs_m * sls, lse, mask=offs_m < Sq)
 
@@ -446,12 +459,13 @@ def _dkdv_inner(
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
         if MASKED:
             # a masked entry contributes nothing, also when delta or the query is NaN (0 * nan);
             # the queries that see the key bring their NaN through dS
-            ds_t = tl.where(p_t == 0.0, 0.0, ds_t)
+            ds_t = tl.where(p_t == 0.0, 0.0, p_t * (dp_t - delta[None, :]))
             q = _nan_to_zero(q)
+        else:
+            ds_t = p_t * (dp_t - delta[None, :])
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
