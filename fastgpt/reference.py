@@ -107,7 +107,7 @@ def fused_attention_ok(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: 
     causal mask (it would reach rows that cannot see it: 0 * nan), and |scores| <= scale * D *
     max|q| * max|k| within :data:`_FUSED_SCORE_BOUND`. A few reductions; run before the fused path."""
     cd = compute_dtype(q.dtype)
-    bound = torch.linalg.vector_norm(q, math.inf, dtype=cd) * torch.linalg.vector_norm(k, math.inf, dtype=cd)
+    bound = q.abs().amax().to(cd) * k.abs().amax().to(cd)  # amax propagates NaN (vector_norm(inf) is 100x slower)
     if is_causal:
         bound = bound + v.sum(dtype=cd) * 0.0  # a NaN (or inf) anywhere in v makes it NaN
     return bool(bound * (abs(scale) * q.shape[-1]) <= _FUSED_SCORE_BOUND)  # False for NaN
