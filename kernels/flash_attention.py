@@ -282,32 +282,9 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
         acc = acc * alpha[:, None]
-        if MASKED:
-            # P = 0 does not stop 0 * nan in the dot: NaN values are read as 0 here, and put back in
-            # the rows that see them after the loops (_nan_values_seen)
-            v = _nan_to_zero(v)
         acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
-
-
-@triton.jit
-def _nan_values_seen(out, v_base, svs, svd, offs_m, offs_dv, lo, hi, Sk, causal_offset,
-                     IS_CAUSAL: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
-    """out with column d NaN in the rows that see a key of the edge tiles [lo, hi) whose value holds a
-    NaN in column d (the masked loop read them as 0). A second read of those few V tiles, after the
-    loops, so the loop itself carries no extra registers."""
-    nan_from = tl.full([BLOCK_DV], 2147483647, dtype=tl.int32)  # first key with a NaN, per column
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV, ALIGN)
-        nan_from = tl.minimum(nan_from, tl.min(tl.where(v != v, offs_n[:, None], 2147483647), 0))
-    if IS_CAUSAL:
-        seen = nan_from[None, :] <= offs_m[:, None] + causal_offset
-    else:
-        seen = nan_from[None, :] < Sk
-    return tl.where(seen, float("nan"), out)
 
 
 @triton.jit
@@ -366,8 +343,7 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    out = _nan_values_seen(acc / l_safe[:, None], v_base, svs, svd, offs_m, offs_dv, full, hi, Sk, causal_offset,
-                           IS_CAUSAL, HEAD_DIM_V, BLOCK_DV, BLOCK_N, ALIGN)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])  # 0 * nan from a NaN value stays out
     _store_tile(_head_ptr(Out, b, sob, h, soh, ALIGN), out, offs_m, sos, offs_dv, sod, Sq,
                 HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV, ALIGN)
     tl.store(_head_ptr(Lse, b, slb, h, slh, 1) + offs_m * sls, lse, mask=offs_m < Sq)
@@ -429,14 +405,6 @@ def _at_most_zero(x):
 
 
 @triton.jit
-def _nan_to_zero(v):
-    """x with NaN read as 0 where a masked entry would multiply it (0 * nan): V in dP = dO @ V^T
-    (the rows that see a NaN value get NaN through delta = rowsum(dO * O)) and Q in dK = dS^T @ Q
-    (the keys a NaN query sees get NaN through its dS)."""
-    return tl.where(v != v, 0.0, v)
-
-
-@triton.jit
 def _dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, lse2_base, delta_base, sqs, sqd, sdos, sdod,
@@ -459,13 +427,7 @@ def _dkdv_inner(
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
-        if MASKED:
-            # a masked entry contributes nothing, also when delta or the query is NaN (0 * nan);
-            # the queries that see the key bring their NaN through dS
-            ds_t = tl.where(p_t == 0.0, 0.0, p_t * (dp_t - delta[None, :]))
-            q = _nan_to_zero(q)
-        else:
-            ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (dp_t - delta[None, :])
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
@@ -498,8 +460,8 @@ def _attn_bwd_dkdv_kernel(
 
     k = _load_tile(_head_ptr(K, b, skb, hk, skh, ALIGN), offs_n, sks, offs_d, skd, Sk, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
-    v = _nan_to_zero(_load_tile(_head_ptr(V, b, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
-                                True, HEAD_DIM_V != BLOCK_DV, ALIGN))
+    v = _load_tile(_head_ptr(V, b, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
+                   True, HEAD_DIM_V != BLOCK_DV, ALIGN)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -546,8 +508,6 @@ def _dq_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
-        if MASKED:
-            v = _nan_to_zero(v)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION)
         p = tl.math.exp2(_at_most_zero(s * qk_scale - lse2[:, None]))
         if MASKED:
