@@ -146,7 +146,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: f
         # rows that see no key would give -inf - -inf = nan below; make them finite, zero them after
         s = torch.where(row_has_key[:, None], s, zero)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None])
+    # softmax, not exp(s - lse): lse carries an absolute error ~ ulp(|s|), which would leave P's rows
+    # summing to 1 +- that, and the backward's delta = rowsum(dout * out) inconsistent with its P
+    p = torch.softmax(s, dim=-1)
     v_e = _expand_kv(v.to(cd), q.shape[1])
     if mask is None:
         out = torch.matmul(p, v_e)
