@@ -343,8 +343,7 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])  # 0 * nan from a NaN value stays out
-    _store_tile(_head_ptr(Out, b, sob, h, soh, ALIGN), out, offs_m, sos, offs_dv, sod, Sq,
+    _store_tile(_head_ptr(Out, b, sob, h, soh, ALIGN), acc / l_safe[:, None], offs_m, sos, offs_dv, sod, Sq,
                 HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV, ALIGN)
     tl.store(_head_ptr(Lse, b, slb, h, slh, 1) + offs_m * sls, lse, mask=offs_m < Sq)
 
