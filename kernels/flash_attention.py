@@ -394,10 +394,23 @@ def _attn_bwd_preprocess_kernel(
         dlse = tl.load(_head_ptr(DLse, b, sdlb, h, sdlh, 1) + offs_m * sdls, mask=row_ok, other=0.0)
         delta = delta - dlse.to(tl.float32)
     lse = tl.load(_head_ptr(Lse, b, slb, h, slh, 1) + offs_m * sls, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = lse * 1.4426950408889634
+    # beyond 2**23 float32 steps are >= 1 in the exponent, and the lse's round trip through the
+    # natural log (and a score recomputed in another order) can put lse2 steps above the dominant
+    # score: its P = exp2(s - lse2) would vanish. Step 4 ulps down there; P is clamped at 1.
+    lse2 = tl.where(tl.abs(lse2) >= 8388608.0, lse2 - tl.abs(lse2) * 4.8e-7, lse2)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     row = bh.to(tl.int64) * Sq + offs_m
     tl.store(Delta + row, delta, mask=row_ok)
     tl.store(Lse2 + row, lse2, mask=row_ok)
+
+
+@triton.jit
+def _at_most_zero(x):
+    """min(x, 0), keeping NaN. P = exp2(s - lse) <= 1, but a score recomputed in another order, or the
+    lse's round trip through the natural log (lse2 = lse * log2(e)), can put s above lse by rounding:
+    at huge scales (scale=1e10 in float32) by hundreds, and exp2 overflows to inf."""
+    return tl.where(x > 0.0, 0.0, x)
 
 
 @triton.jit
@@ -416,7 +429,7 @@ def _dkdv_inner(
         # rows past Sq read lse2 = +inf, so their P is exactly 0
         lse2 = tl.load(lse2_base + offs_m, mask=offs_m < Sq, other=float("inf"))
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION)
-        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+        p_t = tl.math.exp2(_at_most_zero(s_t * qk_scale - lse2[None, :]))
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
         do = _load_tile(do_base, offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV, ALIGN)
@@ -505,7 +518,7 @@ def _dq_inner(
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        p = tl.math.exp2(_at_most_zero(s * qk_scale - lse2[:, None]))
         if MASKED:
             # padded keys must give P = 0 exactly: exp2(0 - lse2) can overflow for very negative lse
             keep = offs_n[None, :] < Sk
