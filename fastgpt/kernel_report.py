@@ -55,6 +55,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from fastgpt import pipe_model  # issue 19 hook
+
 __all__ = [
     "GPUS",
     "Gpu",
@@ -233,7 +235,7 @@ def _case_plans(case: Dict[str, Any]):
     q = torch.empty(case["b"], case["hq"], case["sq"], case["d"] + off, dtype=dtype, device="meta")[..., off:]
     k = torch.empty(case["b"], case["hk"], case["sk"], case["d"], dtype=dtype, device="meta")
     v = torch.empty(case["b"], case["hk"], case["sk"], dv, dtype=dtype, device="meta")
-    plans = fa.example_plans(q, k, v, case["causal"])
+    plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"))  # issue 19: per-arch config lists
     out = [("fwd", plans[0])]
     if "bwd" in case["passes"]:
         out += [("bwd", p) for p in plans[1:]]
@@ -1055,6 +1057,7 @@ def build_report(*, quick: bool = False, jobs: Optional[int] = None, use_cache: 
     report["gpus"] = [asdict(g) for g in GPUS]
     report["work_model"] = _timing.WORK_MODEL
     report["tiling_model"] = TILING_MODEL
+    report["pipes"], report["default_configs"] = pipe_model.report(), pipe_model.default_configs()  # issue 19 hook
     report["disclaimer"] = ("static figures: compiled machine code read without a GPU, and a byte/FLOP model; "
                             "no time or fraction here was measured")
     workers = None
@@ -1122,6 +1125,7 @@ def format_report(report: Dict[str, Any], *, launches: bool = True, candidates: 
     arch = "/".join(f"sm_{gpus[k]['arch']}" for k in keys)
     lines += _launch_table(by, keys, arch) if launches else []
     lines += _roofline_table(report, keys)
+    lines += pipe_model.report_lines(report.get("pipes"))  # issue 19 hook: MUFU / FP32 pipes per tile
     if candidates:
         lines += _candidate_table(report, by, keys, gpus)
     for title, items in (("problems (default configs)", report["problems"]), ("notes", report["notes"])):
