@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Mapping
 
-__all__ = ["Pipes", "PIPES", "TileWork", "tile_work", "launch_bound", "check_sass", "fp32_ops", "report", "report_lines",
+__all__ = ["Pipes", "PIPES", "TileWork", "tile_work", "launch_bound", "check_sass", "fp32_ops", "report", "report_lines", "epilogue_fp32",
            "default_configs"]
 
 
@@ -132,21 +132,37 @@ def fp32_ops(opcodes: Mapping[str, int]) -> Dict[str, float]:
     return out
 
 
+def epilogue_fp32(kernel: str, block_m: int, block_n: int, block_d: int, block_dv: int) -> float:
+    """FP32 instructions after the tile loop, per program: the output tile's scaling (out / l, dK and
+    dQ times the softmax scale) and its packing to 16 bits (1/2 per element)."""
+    if kernel in ("fwd", "fwd_decode"):
+        return 1.5 * block_m * block_dv
+    if kernel == "bwd_dkdv":
+        return block_n * block_d + 0.5 * block_n * (block_d + block_dv)
+    if kernel == "bwd_dq":
+        return 1.5 * block_m * block_d
+    raise ValueError(f"kernel must be fwd, fwd_decode, bwd_dkdv or bwd_dq; got {kernel!r}")
+
+
 def check_sass(kernel: str, block_m: int, block_n: int, block_d: int, block_dv: int, num_warps: int,
-               opcodes: Mapping[str, int], loop_bodies: int = 2) -> Dict[str, float]:
-    """Model vs static SASS counts, per thread and loop body (each kernel inlines its tile loop twice:
-    unmasked and masked tiles). Static counts are instructions in the code; one instruction handles
-    one element per thread. Returns the model's and the code's exp2 and FP32 counts and their ratios
-    (code / model; 1 = the model counts what the compiler emitted)."""
+               opcodes: Mapping[str, int]) -> Dict[str, float]:
+    """Model vs the static SASS counts of a compiled kernel (per thread; one instruction handles one
+    element per thread, except F2FP, two).
+
+    ``copies`` = the code's exp2 count / the model's per tile: the tile loop's copies in the code, 2
+    when the compiler keeps the kernel's unmasked and masked loops once each (4: it duplicated them,
+    e.g. when pipelining; not an integer: work replicated across threads). ``fp32_ratio`` = the code's
+    FP32 instructions, less the epilogue's, over copies x the model's per tile: 1 when the model
+    counts what the compiler emitted (masks' selects and the loop's few scalar updates add a little).
+    """
     threads = 32 * num_warps
     w = tile_work(kernel, block_m, block_n, block_d, block_dv)
     code = fp32_ops(opcodes)
-    model_ex2 = w.mufu / threads
-    model_fp32 = w.fp32 / threads
-    code_ex2 = code["ex2"] / loop_bodies
-    code_fp32 = (code["fp32"] + code["f2fp"]) / loop_bodies
-    return {"model_ex2": model_ex2, "code_ex2": code_ex2, "ex2_ratio": code_ex2 / model_ex2,
-            "model_fp32": model_fp32, "code_fp32": code_fp32, "fp32_ratio": code_fp32 / model_fp32}
+    copies = code["ex2"] * threads / w.mufu
+    loop_fp32 = code["fp32"] + code["f2fp"] - epilogue_fp32(kernel, block_m, block_n, block_d, block_dv) / threads
+    return {"model_ex2_per_tile": w.mufu / threads, "code_ex2": code["ex2"], "copies": copies,
+            "model_fp32_per_tile": w.fp32 / threads, "code_fp32_in_loops": loop_fp32,
+            "fp32_ratio": loop_fp32 / (copies * w.fp32 / threads) if copies else float("nan")}
 
 
 def report() -> Dict[str, Any]:

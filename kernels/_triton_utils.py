@@ -28,6 +28,7 @@ __all__ = [
     "Config",
     "LaunchPlan",
     "interpreter_active",
+    "interpreter_problem",
     "next_pow2",
     "length_bucket",
     "launch",
@@ -93,6 +94,28 @@ class LaunchPlan:
 def interpreter_active() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before import)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def _version(dist: str) -> Optional[Tuple[int, ...]]:
+    from importlib import metadata
+
+    try:
+        return tuple(int(p) for p in re.findall(r"\d+", metadata.version(dist))[:2])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run here, or None. Reads versions without importing triton.
+
+    triton 3.6's interpreter fails on numpy 2.4 ("TypeError: only 0-dimensional arrays can be
+    converted to Python scalars"; measured with 2.4.1; 2.3.5 and 2.2.6 run the kernels); triton 3.8's
+    works with numpy 2.4. Only the interpreter needs this: GPU runs of triton 3.6 take any numpy."""
+    triton, numpy = _version("triton"), _version("numpy")
+    if triton is not None and numpy is not None and triton < (3, 7) and numpy >= (2, 4):
+        return (f"triton {'.'.join(map(str, triton))}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.4; "
+                f"numpy {'.'.join(map(str, numpy))} is installed: pip install 'numpy<2.4'")
+    return None
 
 
 def next_pow2(n: int) -> int:

@@ -142,3 +142,56 @@ def test_plans_take_the_arch_lists(monkeypatch):
     tiled = {p.name: p.configs for p in hopper}
     assert tiled["fwd"] == fa.CONFIGS_SM90["fwd"][128] and tiled["bwd_dq"] == fa.CONFIGS_SM90["bwd_dq"][128]
     assert {p.name: p.configs for p in generic}["fwd"] == fa.CONFIGS["fwd"][128]
+
+
+def _cuobjdump() -> bool:
+    import os
+
+    import triton
+
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+
+
+@pytest.mark.skipif(not _cuobjdump(), reason="the triton wheel's cuobjdump is missing (triton/backends/nvidia/bin)")
+def test_sm90_candidates_compile_for_sm90_without_spills():
+    """Every sm_90 candidate at d = 64 and 128 compiles for sm_90, spill-free and within its 227 KiB of
+    shared memory per block (the cases of tests/test_kernel_report.py's, so the shared candidates
+    come from its compile cache). On sm_80 some of these tiles spill: the lists are sm_90's only."""
+    from fastgpt import kernel_report as kr
+
+    quick = {c["name"]: c for c in kr.ATTENTION_CASES}
+    cases = [{**quick["gpt2-small"], "name": "gpt2-small-sm90", "config_arch": 90},
+             {**quick["llama3-8b-gqa"], "name": "llama3-8b-gqa-sm90", "config_arch": 90}]
+    assert (cases[0]["d"], cases[1]["d"], cases[0]["dtype"], cases[1]["dtype"]) == (64, 128, "bfloat16", "bfloat16")
+    with kr._Workers() as workers:
+        records, _ = kr.compile_attention(cases, archs=(90,), workers=workers)
+    problems = []
+    for r in records:
+        if r["kernel"] == "bwd_preprocess":
+            continue
+        res = r["resources"].get("90")
+        if res is None:
+            problems.append(f"{r['kernel']} {r['config']}: {r['error'].get('90')}")
+        elif res["stack"] or res["shared"] > 227 * 1024:
+            problems.append(f"{r['kernel']} {r['config']} for {r['case']}: stack {res['stack']} B, shared {res['shared']} B")
+    assert not problems, "\n".join(problems)
+    compiled = {(r["case"], r["kernel"]): 0 for r in records}
+    for r in records:
+        compiled[(r["case"], r["kernel"])] += 1
+    for case, d in ((cases[0], 64), (cases[1], 128)):
+        for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+            assert compiled[(case["name"], kernel)] == len(fa.CONFIGS_SM90[kernel][d]), (case["name"], kernel)
+
+
+def test_interpreter_problem_names_the_numpy_triton_36_needs(monkeypatch):
+    versions = {}
+    monkeypatch.setattr(tu, "_version", lambda dist: versions.get(dist))
+    for triton, numpy, bad in (((3, 6), (2, 4), True), ((3, 6), (2, 5), True), ((3, 6), (2, 3), False),
+                               ((3, 8), (2, 4), False), (None, (2, 4), False)):
+        versions.update(triton=triton, numpy=numpy)
+        problem = tu.interpreter_problem()
+        assert bool(problem) == bad, (triton, numpy, problem)
+        if bad:
+            assert "numpy < 2.4" in problem and f"numpy {numpy[0]}.{numpy[1]}" in problem
+    monkeypatch.undo()
+    assert tu._version("torch") >= (2, 11) and tu._version("no-such-distribution-here") is None
