@@ -132,7 +132,9 @@ def _bench(name: str, module: str, budget_s: float) -> Stage:
     inner = max(5, int(budget_s * 0.8) - 15)
     cmd = [PY, "-m", "pytest", f"benchmarks/{module}", *BENCH_ARGS, "--fastgpt-budget-s", str(inner),
            "--benchmark-json={work}/" + name + ".json", "--benchmark-columns=median,rounds"]
-    return Stage(name, budget_s, cmd, collect=collect_bench(name))
+    # a few seconds of tuning per kernel and shape class: the default and what else compiles in time
+    # (compiles are shared across lengths, so later classes get further down the list)
+    return Stage(name, budget_s, cmd, env={"FASTGPT_TUNE_BUDGET_S": "5"}, collect=collect_bench(name))
 
 
 def _install_failed(results: Dict[str, Any]) -> bool:
@@ -160,7 +162,9 @@ def build_plan() -> List[Stage]:
                                 "-x", "-p", "no:cacheprovider", "--junitxml={work}/sanitizer.xml",
                                 "tests/test_cuda_gpu.py", "-k", "not 4097 and not 65536 and not 8192"],
               env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, collect=collect_junit("sanitizer")),
-        # the rest, as time allows: the full-size benchmarks and the CLI's report
+        # the rest, as time allows: every attention candidate timed, then the CLI's report
+        Stage("tune_sweep", 120, [PY, "scripts/gpu_check.py", "--tune-sweep"], env={"FASTGPT_TUNE_BUDGET_S": "60"},
+              extra=True),
         Stage("fastgpt_bench", 60, [PY, "-m", "fastgpt.cli", "bench", "--quick", "--no-progress", "--json",
                                     "{work}/fastgpt_bench.json"], extra=True,
               collect=lambda work: {"report": _load_json(os.path.join(work, "fastgpt_bench.json"))}),
@@ -264,13 +268,37 @@ def run_plan(stages: Sequence[Stage], out_dir: str, total_budget_s: float = TOTA
     return results
 
 
+def tune_sweep() -> None:
+    """Tune the attention kernels at S = 4096 (16K tokens, hidden 2048), d = 64 and 128, causal and not,
+    bf16, forward and backward, within FASTGPT_TUNE_BUDGET_S per kernel: the tuning log is the evidence
+    for the default configs (kernels/flash_attention.py)."""
+    import torch
+
+    from fastgpt.kernels import flash_attention as fa
+
+    s = 4096
+    for d in (64, 128):
+        for causal in (True, False):
+            q, k, v, dout = (torch.randn(16384 // s, 2048 // d, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device="cuda")
+            fa.forward(q, k, v, out, lse, causal, d**-0.5)
+            grads = [torch.empty_like(t) for t in (q, k, v)]
+            fa.backward(dout, q, k, v, out, lse, None, *grads, causal, d**-0.5)
+            torch.cuda.synchronize()
+            print(f"tuned d={d} causal={causal}", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default=os.environ.get("OUT_DIR", "benchmarks/results"))
     parser.add_argument("--total-budget-s", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", TOTAL_BUDGET_S)))
     parser.add_argument("--cpu", action="store_true", help="plan run: skip the GPU stages (no CUDA device needed)")
     parser.add_argument("--only", default="", help="comma-separated stage names to run (default: all)")
+    parser.add_argument("--tune-sweep", action="store_true", help=argparse.SUPPRESS)  # the tune_sweep stage
     args = parser.parse_args(argv)
+    if args.tune_sweep:
+        tune_sweep()
+        return 0
     if args.total_budget_s <= 0:
         parser.error("--total-budget-s must be positive")
     stages = build_plan()
