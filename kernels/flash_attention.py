@@ -112,10 +112,12 @@ CONFIGS: Dict[str, Dict[int, Tuple[Config, ...]]] = {
     },
 }
 # sm_90 (H100 / H200, 228 KiB of shared memory per SM): larger tiles for the GPT head dims, first the
-# ones `compile_plan` found spill-free there (d=128: forward 128x128 w8 s3 at 250 registers and 230 KB
-# shared; dK/dV 32x128 w8 at 249 registers, 99.6 KB; dQ 64x128 w8 at 250), which spill 48-64 bytes on
-# sm_80, then the sm_80 list. Not yet timed on a GPU: the tuner measures them, and its log
-# (FASTGPT_TUNE_LOG, scripts/gpu_check.py's JSON) is the evidence to reorder them by.
+# ones `compile_plan` found spill-free there with triton 3.6 and 3.8 (d=128: forward 128x128 w8 s3 at
+# 250-255 registers and 225 KiB shared; dQ 64x128 w8 at 250-254), which spill 40-64 bytes on sm_80,
+# then the sm_80 list. The dK/dV tile 32x128 w8 (249 registers at d=128) spills 16 bytes with GQA
+# (its group loop), so 16x128 is the default and 32x128 a candidate that the tuner measures where it
+# does not spill. Not yet timed on a GPU: the tuner's log (FASTGPT_TUNE_LOG, scripts/gpu_check.py's
+# JSON) is the evidence to reorder them by.
 CONFIGS_SM90: Dict[str, Dict[int, Tuple[Config, ...]]] = {
     "fwd": {
         64: (C(128, 128, 8, 3), C(128, 64, 4, 3), C(128, 64, 8, 3), C(64, 64, 4, 2)),
@@ -123,7 +125,7 @@ CONFIGS_SM90: Dict[str, Dict[int, Tuple[Config, ...]]] = {
     },
     "bwd_dkdv": {
         64: (C(32, 128, 8, 2), C(64, 128, 8, 2), C(64, 128, 8, 3), C(16, 128, 8, 2), C(32, 64, 4, 2)),
-        128: (C(32, 128, 8, 2), C(16, 128, 8, 2), C(16, 64, 8, 2), C(32, 64, 8, 2), C(32, 32, 4, 2)),
+        128: (C(16, 128, 8, 2), C(32, 128, 8, 2), C(16, 64, 8, 2), C(32, 64, 8, 2), C(32, 32, 4, 2)),
     },
     "bwd_dq": {
         64: (C(64, 128, 8, 2), C(128, 64, 8, 3), C(128, 32, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(64, 32, 4, 2)),

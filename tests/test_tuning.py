@@ -126,9 +126,9 @@ def test_per_arch_candidate_lists():
             # float32 and the interpreter keep their own lists on every arch
             assert fa.configs_for(kernel, bucket, torch.float32, False, arch=90) == fa.CONFIGS_FP32[kernel][bucket]
             assert fa.configs_for(kernel, bucket, bf16, True, arch=90) == (fa.INTERPRETER_CONFIGS[kernel],)
-    # the tiles measured spill-free on sm_90 at d = 128 lead its lists
+    # the tiles found spill-free on sm_90 at d = 128 lead its lists (dK/dV 32x128 spills with GQA: second)
     assert fa.CONFIGS_SM90["fwd"][128][0] == C(128, 128, 8, 3)
-    assert fa.CONFIGS_SM90["bwd_dkdv"][128][0] == C(32, 128, 8, 2)
+    assert fa.CONFIGS_SM90["bwd_dkdv"][128][:2] == (C(16, 128, 8, 2), C(32, 128, 8, 2))
     assert fa.CONFIGS_SM90["bwd_dq"][128][0] == C(64, 128, 8, 2)
     assert fa.default_configs(90)["fwd"][128] == str(C(128, 128, 8, 3))
     assert fa.default_configs(80)["fwd"][128] == str(fa.CONFIGS["fwd"][128][0])
@@ -154,9 +154,11 @@ def _cuobjdump() -> bool:
 
 @pytest.mark.skipif(not _cuobjdump(), reason="the triton wheel's cuobjdump is missing (triton/backends/nvidia/bin)")
 def test_sm90_candidates_compile_for_sm90_without_spills():
-    """Every sm_90 candidate at d = 64 and 128 compiles for sm_90, spill-free and within its 227 KiB of
-    shared memory per block (the cases of tests/test_kernel_report.py's, so the shared candidates
-    come from its compile cache). On sm_80 some of these tiles spill: the lists are sm_90's only."""
+    """Every sm_90 candidate at d = 64 and 128 compiles for sm_90 within its 227 KiB of shared memory
+    per block, the defaults without spills (the cases of tests/test_kernel_report.py's, so the shared
+    candidates come from its compile cache). Spilling candidates are allowed (the tuner skips them
+    where they spill) but listed here: today only dK/dV 32x128 with GQA at d = 128 (16 B). On sm_80
+    some of these tiles spill: the lists are sm_90's only."""
     from fastgpt import kernel_report as kr
 
     quick = {c["name"]: c for c in kr.ATTENTION_CASES}
@@ -165,16 +167,19 @@ def test_sm90_candidates_compile_for_sm90_without_spills():
     assert (cases[0]["d"], cases[1]["d"], cases[0]["dtype"], cases[1]["dtype"]) == (64, 128, "bfloat16", "bfloat16")
     with kr._Workers() as workers:
         records, _ = kr.compile_attention(cases, archs=(90,), workers=workers)
-    problems = []
+    problems, spilling = [], []
     for r in records:
         if r["kernel"] == "bwd_preprocess":
             continue
         res = r["resources"].get("90")
         if res is None:
             problems.append(f"{r['kernel']} {r['config']}: {r['error'].get('90')}")
-        elif res["stack"] or res["shared"] > 227 * 1024:
+        elif (res["stack"] and r["default"]) or res["shared"] > 227 * 1024:
             problems.append(f"{r['kernel']} {r['config']} for {r['case']}: stack {res['stack']} B, shared {res['shared']} B")
+        elif res["stack"]:
+            spilling.append((r["case"], r["kernel"], tu.Config(**r["config"]), res["stack"]))
     assert not problems, "\n".join(problems)
+    assert all(stack <= 64 for *_, stack in spilling), spilling  # a few registers, not a misfit
     compiled = {(r["case"], r["kernel"]): 0 for r in records}
     for r in records:
         compiled[(r["case"], r["kernel"])] += 1
