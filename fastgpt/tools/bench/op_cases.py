@@ -87,6 +87,20 @@ TIERS: Dict[str, Dict[str, tuple]] = {
         "norm_compile_hidden": (768, 4096),
         "gelu_approximate": ("none",),
     },
+    # scripts/gpu_check.py's headline run, within its minutes: attention against the SDPA backends
+    # (torch.compile of eager attention is the default tier's), GPT-2 small's widths (GELU at 4 x 768)
+    "headline": {
+        "attn_seqlens": (1024, 2048, 4096, 8192),
+        "attn_head_dims": (128, 64),
+        "attn_causal": (True, False),
+        "attn_modes": ("fwd", "fwd+bwd"),
+        "attn_compile_seqlens": (),
+        "attn_eager_max_seqlen": (4096,),
+        "norm_rows": (16384,),
+        "norm_hidden": (768, 4096),
+        "norm_compile_hidden": (768,),
+        "gelu_approximate": ("none",),
+    },
     "full": {
         "attn_seqlens": (512, 1024, 2048, 4096, 8192, 16384),
         "attn_head_dims": (128, 64),

@@ -59,6 +59,7 @@ from fastgpt.tools.inspect.model import ATTENTION_CASES, CUDA_CASES, CUDA_OPS, T
 from fastgpt.tools.inspect.compile_jobs import _Workers, compile_attention  # noqa: F401
 from fastgpt.tools.inspect.launches import Unavailable, _cuda_vector_path, _load_emulator, cuda_launches, cuda_machine_code  # noqa: F401
 from fastgpt.tools.inspect.output import _widths, format_report, write_plot  # noqa: F401
+from fastgpt.tools.inspect import pipe_model
 
 __all__ = [
     "GPUS",
@@ -280,6 +281,7 @@ def build_report(*, quick: bool = False, jobs: Optional[int] = None, use_cache: 
     report["gpus"] = [asdict(g) for g in GPUS]
     report["work_model"] = _timing.WORK_MODEL
     report["tiling_model"] = TILING_MODEL
+    report["pipes"], report["default_configs"] = pipe_model.report(), pipe_model.default_configs()
     report["disclaimer"] = ("static figures: compiled machine code read without a GPU, and a byte/FLOP model; "
                             "no time or fraction here was measured")
     workers = None
