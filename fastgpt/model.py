@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -335,7 +336,7 @@ class GPT(nn.Module):
             raise ValueError(f"from_pretrained: model_type must be a GPT-2 name or a local folder; got {model_type!r}")
         from transformers import GPT2LMHeadModel
 
-        hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=True)
+        hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=True, weights_only=True)
         return cls.from_hf(hf, dropout=override_args.get("dropout", 0.0))
 
 
@@ -357,7 +358,10 @@ def _load_hf_gpt2(model_or_path):
             )
         from transformers import GPT2LMHeadModel
 
-        return GPT2LMHeadModel.from_pretrained(path, local_files_only=True)
+        try:  # weights_only: a pickled .bin file is read by torch's safe unpickler, never executed
+            return GPT2LMHeadModel.from_pretrained(path, local_files_only=True, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"GPT.from_hf: {path!r} holds weights with objects other than tensors; refused (nothing in them was run)") from None
     config = getattr(model_or_path, "config", None)
     if not isinstance(model_or_path, nn.Module) or getattr(config, "model_type", None) != "gpt2":
         raise TypeError(

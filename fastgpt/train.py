@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from fastgpt._app import backend_notice, check_device, fallback_notices
+from fastgpt.train_args import MODEL_FLAGS, _validate, add_arguments  # noqa: F401
 from fastgpt.train_checkpoint import (  # noqa: F401  (re-exported: the public names of fastgpt.train)
-    CKPT_FORMAT, _Log, _rng_state, _set_rng_state, content_digest, load_checkpoint, save_checkpoint,
+    CKPT_FORMAT, OutDirLock, _Log, _rng_state, check_fresh_start, _set_rng_state, content_digest, load_checkpoint, save_checkpoint,
 )
 from fastgpt.train_data import (  # noqa: F401
-    Corpus, TrainError, batch_offsets, get_batch, load_corpus, rank_shard,
+    Corpus, TrainError, batch_offsets, fingerprint, get_batch, load_corpus, rank_shard,
 )
 
 
@@ -44,57 +46,6 @@ def learning_rate(step: int, lr: float, warmup_steps: int, max_steps: int, min_l
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-# --------------------------------------------------------------------------------------------
-# arguments
-# --------------------------------------------------------------------------------------------
-
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="text file, folder of text files, or nanoGPT uint16 .bin (default: Python's stdlib sources)")
-    p.add_argument("--out-dir", default="out", help="where ckpt.pt and log.jsonl go (default: out)")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False, help="biases in linear and layer norm layers")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--vocab-size", type=int, default=None, help="only for .bin data (default: from the data)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-step per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --max-steps")
-    p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--eval-interval", type=int, default=100)
-    p.add_argument("--eval-iters", type=int, default=10)
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--ckpt-interval", type=int, default=100, help="steps between checkpoints (one is always written at the end)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--backend", choices=("auto", "cuda", "triton", "reference"), default="auto", help="fastgpt backend for every op")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _validate(args: argparse.Namespace) -> None:
-    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "log_interval", "ckpt_interval", "eval_interval", "eval_iters")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
-    if args.n_embd % args.n_head:
-        raise TrainError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
-    if not 0.0 <= args.dropout < 1.0:
-        raise TrainError(f"--dropout must be in [0, 1); got {args.dropout}")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        raise TrainError(f"--warmup-steps must be >= 0; got {args.warmup_steps}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +68,9 @@ def _init_distributed(device_arg: Optional[str]):
     import torch
     import torch.distributed as dist
 
+    problem = check_device(torch.device(device_arg)) if device_arg else None
+    if problem:
+        raise TrainError(problem)
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
         return Dist(), device
@@ -154,6 +108,8 @@ class _Run:
     tokens_per_step: int = 0
     log: Optional[_Log] = None
     progress: Any = None
+    backend_notice: Optional[str] = None
+    data_fingerprint: str = ""
     last_loss: float = float("nan")
 
 
@@ -165,12 +121,43 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     _validate(args)
     dist_info, device = _init_distributed(args.device)
+    lock = OutDirLock(Path(args.out_dir))
     try:
+        _on_rank0(dist_info, lambda: _claim_out_dir(args, lock))
         with fastgpt.use_backend(args.backend):
             return _train(args, dist_info, device)
     finally:
+        lock.release()
         if dist_info.world_size > 1:
             torch.distributed.destroy_process_group()
+
+
+def _on_rank0(d: "Dist", step: Callable[[], None]) -> None:
+    """Run ``step`` on rank 0 only; its TrainError is raised on every rank (no rank is left waiting)."""
+    import torch
+
+    error = None
+    if d.main:
+        try:
+            step()
+        except TrainError as exc:
+            error = str(exc)
+    if d.world_size > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise TrainError(error)
+
+
+def _claim_out_dir(args: argparse.Namespace, lock: OutDirLock) -> None:
+    """Lock --out-dir for this run; a fresh run refuses an earlier run's files unless --overwrite."""
+    lock.acquire()
+    for partial in Path(args.out_dir).glob("ckpt.pt.tmp*"):  # a save cut short by a crash: never renamed, never read
+        partial.unlink()
+    for path in check_fresh_start(Path(args.out_dir), args.resume, args.overwrite):
+        if path.name == "ckpt.pt":  # the old checkpoint must not outlive the run that replaces it
+            path.unlink()
 
 
 def _train(args: argparse.Namespace, d: Dist, device) -> Dict[str, Any]:
@@ -184,13 +171,18 @@ def _train(args: argparse.Namespace, d: Dist, device) -> Dict[str, Any]:
     _resume(run)
     _wrap_model(run)
     _open_log(run)
-    _loop(run)
+    write = None if d.main else (lambda line: None)  # rank 0 speaks for all
+    if run.progress is not None:
+        write = lambda line: run.progress.write(line, file=sys.stderr)  # noqa: E731
+    with fallback_notices("fastgpt train", header_said_it=run.backend_notice is not None, write=write):
+        _loop(run)
     return _finish(run)
 
 
 def _load_data(run: _Run) -> None:
     run.corpus = load_corpus(run.args.data, run.args.vocab_size)
     run.train_shard = rank_shard(run.corpus, run.args.block_size, run.d.rank, run.d.world_size)
+    run.data_fingerprint = fingerprint(run.corpus)
 
 
 def _model_config(run: _Run) -> None:
@@ -252,7 +244,38 @@ def _resume(run: _Run) -> None:
     run.start_step = int(ckpt["step"])
     if len(ckpt["rng"]) != run.d.world_size:
         raise TrainError(f"{run.ckpt_path} was written by {len(ckpt['rng'])} processes; resume it with as many")
+    _check_same_run(run)
+    run.optimizer.param_groups[0]["weight_decay"] = run.args.weight_decay  # the flag's, if a change was allowed
     _set_rng_state(ckpt["rng"][run.d.rank])
+
+
+# what an exact resume must not change (the model's shape is checked separately, always)
+EXACT_RESUME = ("seed", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "data")
+
+
+def _resume_key(run: _Run) -> Dict[str, Any]:
+    key = {name: getattr(run.args, name, None) for name in EXACT_RESUME}
+    key.update(warmup_steps=run.warmup, data=run.data_fingerprint)  # the effective warm-up; the tokens, not the path
+    return key
+
+
+def _check_same_run(run: _Run) -> None:
+    """Refuse a resume whose seed, batches, schedule or data differ from the checkpoint's, unless
+    --allow-config-change accepts it (then say what changed)."""
+    saved, now = run.ckpt["resume_key"], _resume_key(run)
+    changed = [k for k in EXACT_RESUME if saved.get(k) != now[k]]
+    if not changed:
+        return
+    detail = ", ".join(
+        "--data (other tokens)" if k == "data" else f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in changed
+    )
+    if not run.args.allow_config_change:
+        raise TrainError(
+            f"--resume would not continue {run.ckpt_path} exactly: {detail}; "
+            "pass --allow-config-change to continue with the new settings"
+        )
+    if run.d.main:
+        print(f"fastgpt train: resuming with changed settings (--allow-config-change): {detail}", file=sys.stderr)
 
 
 def _wrap_model(run: _Run) -> None:
@@ -269,9 +292,9 @@ def _wrap_model(run: _Run) -> None:
 def _open_log(run: _Run) -> None:
     """log.jsonl, the header line and the progress bar (rank 0)."""
     d = run.d
-    if d.main:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-    run.log = _Log(run.out_dir / "log.jsonl", d.main, run.start_step if run.ckpt is not None else None)
+    run.log = _Log(run.out_dir / "log.jsonl", d.main)
+    _on_rank0(d, lambda: run.log.start(run.start_step if run.ckpt is not None else None))
+    run.backend_notice = backend_notice(run.device)
     if d.main:
         print(
             f"fastgpt train: {run.raw_model.get_num_params() / 1e6:.2f}M parameters, {run.corpus.description}, "
@@ -279,6 +302,8 @@ def _open_log(run: _Run) -> None:
             + (f", resuming at step {run.start_step}" if run.ckpt is not None else ""),
             file=sys.stderr,
         )
+        if run.backend_notice:
+            print(f"fastgpt train: {run.backend_notice}", file=sys.stderr)
     if d.main and not run.args.no_progress:
         from tqdm import tqdm
 
@@ -380,7 +405,7 @@ def _checkpoint(run: _Run, step: int) -> None:
             {
                 "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "scaler": run.scaler.state_dict(), "step": step, "model_config": asdict(run.config),
-                "train_args": vars(run.args), "rng": rng,
+                "train_args": vars(run.args), "resume_key": _resume_key(run), "rng": rng,
             },
         )
 

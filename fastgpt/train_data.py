@@ -63,23 +63,22 @@ def load_corpus(data: Optional[str], vocab_size: Optional[int] = None) -> Corpus
     import numpy as np
 
     if data is None:
+        if vocab_size is not None:
+            raise TrainError("--vocab-size applies to nanoGPT .bin data only; the default corpus is read as bytes (vocabulary 256)")
         raw = np.frombuffer(_stdlib_sources(DEFAULT_CORPUS_LIMIT), dtype=np.uint8)
         return _split_bytes(raw, f"Python {sys.version.split()[0]} standard library sources ({len(raw):,} bytes)", 256)
     path = Path(data)
     if not path.exists():
         raise TrainError(f"--data {data}: no such file or directory")
     if path.is_dir() and (path / "train.bin").is_file() and (path / "val.bin").is_file():
-        train = np.memmap(path / "train.bin", dtype=np.uint16, mode="r")
-        val = np.memmap(path / "val.bin", dtype=np.uint16, mode="r")
-        if len(train) == 0 or len(val) == 0:
-            raise TrainError(f"--data {data}: train.bin or val.bin is empty")
-        vocab = vocab_size or _bin_vocab(train, val)
+        train, val = _read_bin(path / "train.bin", data), _read_bin(path / "val.bin", data)
+        vocab = _bin_vocab(vocab_size, data, train, val)
         return Corpus(train, val, vocab, f"nanoGPT token files in {path} ({len(train):,} + {len(val):,} tokens)")
     if path.is_file() and path.suffix == ".bin":
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(tokens) == 0:
-            raise TrainError(f"--data {data}: the token file is empty")
-        return _split_bytes(tokens, f"nanoGPT token file {path} ({len(tokens):,} tokens)", vocab_size or _bin_vocab(tokens))
+        tokens = _read_bin(path, data)
+        return _split_bytes(tokens, f"nanoGPT token file {path} ({len(tokens):,} tokens)", _bin_vocab(vocab_size, data, tokens))
+    if vocab_size is not None:
+        raise TrainError(f"--vocab-size applies to nanoGPT .bin data only; --data {data} is read as bytes (vocabulary 256)")
     raw_bytes = _read_text_tree(path) if path.is_dir() else path.read_bytes()
     if not raw_bytes:
         raise TrainError(f"--data {data}: no data (empty file or folder)")
@@ -87,9 +86,25 @@ def load_corpus(data: Optional[str], vocab_size: Optional[int] = None) -> Corpus
     return _split_bytes(raw, f"bytes of {path} ({len(raw):,})", 256)
 
 
-def _bin_vocab(*arrays) -> int:
+def _read_bin(path: Path, flag_value: str):
+    import numpy as np
+
+    size = path.stat().st_size
+    if size == 0:
+        raise TrainError(f"--data {flag_value}: {path.name} is empty")
+    if size % 2:
+        raise TrainError(f"--data {flag_value}: {path.name} has an odd length ({size} bytes); nanoGPT .bin files hold uint16 tokens")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _bin_vocab(vocab_size: Optional[int], flag_value: str, *arrays) -> int:
+    """``--vocab-size`` checked against the largest token id, or by default nanoGPT's padded GPT-2 size."""
     top = max(int(a.max()) for a in arrays) + 1
-    return 50304 if top <= 50304 else int(math.ceil(top / 64) * 64)  # nanoGPT's padded GPT-2 vocabulary
+    if vocab_size is not None:
+        if top > vocab_size:
+            raise TrainError(f"--vocab-size {vocab_size}: --data {flag_value} holds token id {top - 1}, outside the vocabulary")
+        return vocab_size
+    return 50304 if top <= 50304 else int(math.ceil(top / 64) * 64)
 
 
 def batch_offsets(n_tokens: int, block_size: int, batch_size: int, seed: int, step: int, micro: int, rank: int, split: str):
@@ -126,3 +141,19 @@ def rank_shard(corpus: Corpus, block_size: int, rank: int, world_size: int):
     if shard_len < block_size + 1:
         raise TrainError(f"each of the {world_size} ranks' data shards is shorter than --block-size + 1")
     return corpus.train[rank * shard_len : (rank + 1) * shard_len]
+
+
+def fingerprint(corpus: Corpus) -> str:
+    """A cheap identity of the data (sizes, vocabulary, and up to 16 MiB sampled from each split): what a
+    resume compares to tell that ``--data`` still holds the same tokens."""
+    import numpy as np
+
+    h = hashlib.sha256(f"{corpus.vocab_size}".encode())
+    chunk = 2**20
+    for split in (corpus.train, corpus.val):
+        n = len(split)
+        h.update(f"|{n}|{split.dtype}".encode())
+        starts = range(0, n, chunk) if n <= 16 * chunk else [i * (n - chunk) // 15 for i in range(16)]
+        for i in starts:
+            h.update(np.ascontiguousarray(split[i : i + chunk]).tobytes())
+    return h.hexdigest()[:16]
