@@ -121,8 +121,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.use_fused_ops = True
 
-    def forward(self, x: Tensor, kv_cache: Optional[KVCache] = None) -> Tensor:
-        x, m = self.forward_residual(x, None, kv_cache)
+    def forward(
+        self, x: Tensor, kv_cache: Optional[KVCache] = None, *, pending: Optional[Tensor] = None, defer_residual: bool = False
+    ) -> Tensor:
+        """``x + attn(...) + mlp(...)``; with ``defer_residual=True`` returns :meth:`forward_residual`'s pair.
+
+        GPT calls its blocks through here (``block(...)``), so module hooks, FSDP's unsharding and
+        activation-checkpoint wrappers apply to each block as they do for nanoGPT's.
+        """
+        if defer_residual:
+            return self.forward_residual(x, pending, kv_cache)
+        x, m = self.forward_residual(x, pending, kv_cache)
         return x + m
 
     def forward_residual(self, x: Tensor, pending: Optional[Tensor], kv_cache: Optional[KVCache] = None) -> Tuple[Tensor, Tensor]:
@@ -218,7 +227,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         pending = None
         for i, block in enumerate(self.transformer.h):
-            x, pending = block.forward_residual(x, pending, caches[i] if caches else None)
+            x, pending = block(x, caches[i] if caches else None, pending=pending, defer_residual=True)
         if pending is None:
             return self.transformer.ln_f(x)
         return _add_then_norm(pending, x, self.transformer.ln_f, self.use_fused_ops)[0]

@@ -11,8 +11,8 @@ state) with the same data order and learning-rate schedule as an uninterrupted r
 
 Distributed: ``torchrun --nproc_per_node N -m fastgpt.train ...`` (or the ``fastgpt-train`` script)
 wraps the model in DistributedDataParallel (nccl on CUDA, gloo on CPU), gives each rank its own shard
-of the training data, and logs and checkpoints on rank 0 only. For models that do not fit on one GPU,
-wrap with FSDP instead (fastgpt's modules hold plain nn.Parameters, so FSDP can shard them).
+of the training data, and logs and checkpoints on rank 0 only. ``--fsdp`` shards the model with FSDP2
+instead, for models that do not fit on one GPU (see :mod:`fastgpt.train_fsdp`).
 
 This file is also meant as a template to copy: the training loop is plain PyTorch.
 """
@@ -21,12 +21,14 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from fastgpt import train_fsdp
 from fastgpt._app import backend_notice, check_device, fallback_notices
 from fastgpt.train_args import MODEL_FLAGS, _validate, add_arguments  # noqa: F401
 from fastgpt.train_checkpoint import (  # noqa: F401  (re-exported: the public names of fastgpt.train)
@@ -64,7 +66,7 @@ class Dist:
         return self.rank == 0
 
 
-def _init_distributed(device_arg: Optional[str]):
+def _init_distributed(device_arg: Optional[str], fsdp: bool = False):
     import torch
     import torch.distributed as dist
 
@@ -73,6 +75,8 @@ def _init_distributed(device_arg: Optional[str]):
         raise TrainError(problem)
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if fsdp and not dist.is_initialized():  # FSDP shards over a process group, here a group of one
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
         return Dist(), device
     d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -120,7 +124,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     import fastgpt
 
     _validate(args)
-    dist_info, device = _init_distributed(args.device)
+    if args.consolidate:
+        return {"consolidated": str(train_fsdp.consolidate(Path(args.out_dir), args.overwrite))}
+    dist_info, device = _init_distributed(args.device, args.fsdp)
     lock = OutDirLock(Path(args.out_dir))
     try:
         _on_rank0(dist_info, lambda: _claim_out_dir(args, lock))
@@ -128,7 +134,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             return _train(args, dist_info, device)
     finally:
         lock.release()
-        if dist_info.world_size > 1:
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -153,17 +159,22 @@ def _on_rank0(d: "Dist", step: Callable[[], None]) -> None:
 def _claim_out_dir(args: argparse.Namespace, lock: OutDirLock) -> None:
     """Lock --out-dir for this run; a fresh run refuses an earlier run's files unless --overwrite."""
     lock.acquire()
-    for partial in Path(args.out_dir).glob("ckpt.pt.tmp*"):  # a save cut short by a crash: never renamed, never read
+    out_dir = Path(args.out_dir)
+    for partial in out_dir.glob("ckpt.pt.tmp*"):  # a save cut short by a crash: never renamed, never read
         partial.unlink()
-    for path in check_fresh_start(Path(args.out_dir), args.resume, args.overwrite):
-        if path.name == "ckpt.pt":  # the old checkpoint must not outlive the run that replaces it
-            path.unlink()
+    train_fsdp.recover(out_dir)
+    for path in check_fresh_start(out_dir, args.resume, args.overwrite):
+        if path.name != "log.jsonl":  # an old checkpoint must not outlive the run that replaces it
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _train(args: argparse.Namespace, d: Dist, device) -> Dict[str, Any]:
     out_dir = Path(args.out_dir)
     run = _Run(args, d, device, out_dir, out_dir / "ckpt.pt")
-    run.ckpt = load_checkpoint(run.ckpt_path) if args.resume else None
+    if args.resume:
+        if not args.fsdp and not run.ckpt_path.exists() and (out_dir / train_fsdp.DCP_NAME).exists():
+            raise TrainError(f"{out_dir} holds an FSDP checkpoint: resume with --fsdp, or --consolidate it into {run.ckpt_path}")
+        run.ckpt = train_fsdp.load_meta(out_dir) if args.fsdp else load_checkpoint(run.ckpt_path)
     _load_data(run)
     _model_config(run)
     _precision(run)
@@ -213,6 +224,10 @@ def _precision(run: _Run) -> None:
         if dtype == "float16":
             raise TrainError("--dtype float16 needs a CUDA device (CPU autocast supports bfloat16)")
         amp_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    if run.args.fsdp and amp_dtype == torch.float16:
+        raise TrainError("--fsdp trains in float32 or bfloat16; --dtype float16 (with its grad scaler) is not supported with it")
+    if run.args.fsdp and device.type == "cuda":
+        amp_dtype = None  # FSDP's mixed-precision policy casts the parameters instead (train_fsdp.prepare_model)
     if amp_dtype:
         run.autocast = lambda: torch.autocast(device.type, dtype=amp_dtype)
     run.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -226,6 +241,7 @@ def _build_model(run: _Run) -> None:
     a = run.args
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     run.raw_model = run.model = GPT(run.config).to(run.device)
+    train_fsdp.prepare_model(run.raw_model, run.device, a)  # activation checkpointing, FSDP sharding (if asked)
     torch.manual_seed(a.seed + 1 + run.d.rank)  # but each rank its own dropout masks
     run.optimizer = run.raw_model.configure_optimizers(a.weight_decay, a.lr, (0.9, 0.95), run.device.type)
     run.warmup = a.warmup_steps if a.warmup_steps is not None else max(1, a.max_steps // 20)
@@ -237,26 +253,35 @@ def _resume(run: _Run) -> None:
     ckpt = run.ckpt
     if ckpt is None:
         return
-    run.raw_model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    if "scaler" in ckpt:
-        run.scaler.load_state_dict(ckpt["scaler"])
-    run.start_step = int(ckpt["step"])
-    if len(ckpt["rng"]) != run.d.world_size:
-        raise TrainError(f"{run.ckpt_path} was written by {len(ckpt['rng'])} processes; resume it with as many")
     _check_same_run(run)
+    if run.args.fsdp:
+        train_fsdp.load_state(run.raw_model, run.optimizer, run.out_dir, ckpt, run.d.rank, run.d.world_size)
+    else:
+        run.raw_model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            run.scaler.load_state_dict(ckpt["scaler"])
+    run.start_step = int(ckpt["step"])
     run.optimizer.param_groups[0]["weight_decay"] = run.args.weight_decay  # the flag's, if a change was allowed
-    _set_rng_state(ckpt["rng"][run.d.rank])
+    if len(ckpt["rng"]) == run.d.world_size:  # else (a change allowed): the RNG streams seeded in _build_model
+        _set_rng_state(ckpt["rng"][run.d.rank])
 
 
 # what an exact resume must not change (the model's shape is checked separately, always)
-EXACT_RESUME = ("seed", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "data")
+EXACT_RESUME = (
+    "seed", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "grad_clip", "data",
+    "world_size",
+)
 
 
 def _resume_key(run: _Run) -> Dict[str, Any]:
     key = {name: getattr(run.args, name, None) for name in EXACT_RESUME}
-    key.update(warmup_steps=run.warmup, data=run.data_fingerprint)  # the effective warm-up; the tokens, not the path
+    # the effective warm-up; the tokens, not the path; the number of processes (data shards, RNG streams)
+    key.update(warmup_steps=run.warmup, data=run.data_fingerprint, world_size=run.d.world_size)
     return key
+
+
+_FLAG_NAMES = {"world_size": "world size (torchrun --nproc_per_node)"}
 
 
 def _check_same_run(run: _Run) -> None:
@@ -267,7 +292,8 @@ def _check_same_run(run: _Run) -> None:
     if not changed:
         return
     detail = ", ".join(
-        "--data (other tokens)" if k == "data" else f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in changed
+        "--data (other tokens)" if k == "data" else f"{_FLAG_NAMES.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} -> {now[k]!r}"
+        for k in changed
     )
     if not run.args.allow_config_change:
         raise TrainError(
@@ -283,7 +309,7 @@ def _wrap_model(run: _Run) -> None:
 
     if run.args.compile:
         run.model = torch.compile(run.model)
-    if run.d.world_size > 1:
+    if run.d.world_size > 1 and not run.args.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         run.model = DDP(run.model, device_ids=[run.d.local_rank] if run.device.type == "cuda" else None)
@@ -322,7 +348,9 @@ def _train_step(run: _Run, step: int, lr: float):
         offsets = batch_offsets(len(run.train_shard), a.block_size, a.batch_size, a.seed, step, micro, d.rank, "train")
         x, y = get_batch(run.train_shard, a.block_size, offsets, run.device)
         sync = contextlib.nullcontext()
-        if d.world_size > 1 and micro < a.grad_accum - 1:
+        if a.fsdp:
+            run.raw_model.set_requires_gradient_sync(micro == a.grad_accum - 1)  # reduce-scatter once per step
+        elif d.world_size > 1 and micro < a.grad_accum - 1:
             sync = run.model.no_sync()  # all-reduce the gradients once per optimizer step
         with sync:
             with run.autocast():
@@ -366,6 +394,8 @@ def _loop(run: _Run) -> None:
                 progress.write(f"step {done}: val loss {val:.4f}")
         if done % a.ckpt_interval == 0 or done == a.max_steps:
             _checkpoint(run, done)
+        if done == run.start_step + 1 and done < a.max_steps:
+            _log_memory(run, done)  # after the first step (optimizer state exists); again at the end
         if progress is not None:
             progress.update(1)
     if progress is not None:
@@ -399,24 +429,37 @@ def _checkpoint(run: _Run, step: int) -> None:
         rng = gathered
     else:
         rng = [rng]
-    if run.d.main:
+    meta = {"step": step, "model_config": asdict(run.config), "train_args": vars(run.args), "resume_key": _resume_key(run), "rng": rng}
+    if run.args.fsdp:
+        train_fsdp.save(run, meta)  # every rank writes its shards
+    elif run.d.main:
         save_checkpoint(
             run.ckpt_path,
-            {
-                "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "scaler": run.scaler.state_dict(), "step": step, "model_config": asdict(run.config),
-                "train_args": vars(run.args), "resume_key": _resume_key(run), "rng": rng,
-            },
+            {**meta, "model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()},
         )
 
 
+def _log_memory(run: _Run, step: int) -> None:
+    """Each rank's parameter and optimizer bytes (its shards under FSDP) and peak CUDA memory, in the log."""
+    import torch
+
+    record = train_fsdp.memory_record(run.raw_model, run.optimizer, run.device, run.d.rank)
+    records: List[Any] = [record]
+    if run.d.world_size > 1:
+        records = [None] * run.d.world_size
+        torch.distributed.all_gather_object(records, record)
+    run.log.write({"step": step, "memory": records})
+
+
 def _finish(run: _Run) -> Dict[str, Any]:
-    """The summary; under torchrun, a check that DDP kept every rank's parameters identical."""
+    """The summary and memory report; under DDP, a check that every rank kept identical parameters."""
     import torch
 
     a, d = run.args, run.d
     summary = {"step": a.max_steps, "loss": run.last_loss, "out_dir": str(run.out_dir)}
-    if d.world_size > 1:
+    if run.start_step < a.max_steps:  # this process trained
+        _log_memory(run, a.max_steps)
+    if d.world_size > 1 and not a.fsdp:
         digests: List[Any] = [None] * d.world_size
         # equal digests of every parameter's bytes on all ranks: DDP kept them identical
         torch.distributed.all_gather_object(digests, content_digest(run.raw_model.state_dict()))

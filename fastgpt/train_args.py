@@ -43,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-config-change", action="store_true",
         help="let --resume continue with another seed, batch size, learning-rate schedule or data (no longer exact)",
     )
+    p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun; sharded checkpoints in OUT_DIR/ckpt.dcp)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block's activations in the backward pass")
+    p.add_argument(
+        "--consolidate", action="store_true",
+        help="write OUT_DIR/ckpt.pt from the FSDP checkpoint OUT_DIR/ckpt.dcp (for fastgpt generate) and exit",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -58,5 +64,7 @@ def _validate(args: argparse.Namespace) -> None:
                 action.type(str(value))
             except argparse.ArgumentTypeError as exc:
                 raise TrainError(f"argument {action.option_strings[0]}: {exc}") from None
+    if args.fsdp and args.compile:
+        raise TrainError("--compile is not supported with --fsdp yet")
     if args.n_embd % args.n_head:
         raise TrainError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")

@@ -26,7 +26,7 @@ except ImportError:  # not POSIX: the lock falls back to the pid written in the 
 # format 2: RNG states hold tensors and plain data only, so weights_only=True can read them
 CKPT_FORMAT = "fastgpt-train-ckpt-2"
 LOCK_NAME = ".lock"
-RUN_FILES = ("ckpt.pt", "log.jsonl")  # what marks a folder as holding a run
+RUN_FILES = ("ckpt.pt", "ckpt.dcp", "log.jsonl")  # what marks a folder as holding a run
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -90,12 +90,12 @@ def content_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+def save_checkpoint(path: Path, payload: Dict[str, Any], fmt: str = CKPT_FORMAT) -> None:
     """Write atomically (temporary file, fsync, rename): a crash leaves the previous checkpoint intact."""
     import torch
 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    content = {"format": CKPT_FORMAT, **payload}
+    content = {"format": fmt, **payload}
     with open(tmp, "wb") as f:
         torch.save({**content, "sha256": content_digest(content)}, f)
         f.flush()
@@ -103,7 +103,10 @@ def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> Dict[str, Any]:
+CKPT_REQUIRED = ("model", "optimizer", "step", "model_config", "train_args", "resume_key", "rng")
+
+
+def load_checkpoint(path: Path, fmt: str = CKPT_FORMAT, required=CKPT_REQUIRED) -> Dict[str, Any]:
     """Load and validate ``ckpt.pt``; a truncated, corrupt or foreign file raises TrainError."""
     import torch
 
@@ -119,9 +122,8 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         ) from None
     except Exception as exc:  # torch raises several types for damaged zip archives
         raise TrainError(f"{path} is corrupt or incomplete and was not loaded ({type(exc).__name__}: {exc})") from None
-    required = {"format", "model", "optimizer", "step", "model_config", "train_args", "resume_key", "rng", "sha256"}
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT or not required <= set(ckpt):
-        raise TrainError(f"{path} is not a fastgpt training checkpoint (format {CKPT_FORMAT})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt or not {"sha256", *required} <= set(ckpt):
+        raise TrainError(f"{path} is not a fastgpt training checkpoint (format {fmt})")
     stored = ckpt.pop("sha256")
     if content_digest(ckpt) != stored:
         raise TrainError(f"{path} is corrupt (its content does not match the digest written with it) and was not loaded")

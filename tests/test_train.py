@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastgpt import train as fg_train
+from train_helpers import wait_for_log_step
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--batch-size", "8", "--no-progress"]
 
@@ -66,22 +67,6 @@ def test_generate_produces_the_requested_number_of_tokens(trained):
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert payload["tokens"] == 40 and payload["prompt"] == "def "
-
-
-def wait_for_log_step(log: Path, step: int, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    """Return as soon as log.jsonl records ``step`` (or a later one): the wait is on the run's own
-    output, re-read whenever the file grows, never a guessed sleep."""
-    deadline, seen = time.monotonic() + timeout, -1
-    while time.monotonic() < deadline:
-        size = log.stat().st_size if log.exists() else -1
-        if size != seen:
-            seen = size
-            steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines()[:-1] if line.strip()]
-            if steps and max(steps) >= step:  # complete lines only: the last one may still be written
-                return
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step} was logged"
-        time.sleep(0.001)
-    pytest.fail(f"step {step} not logged within {timeout} s")
 
 
 def test_kill_and_resume_continues_exactly(tmp_path):
