@@ -126,6 +126,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     _validate(args)
     if args.consolidate:
         return {"consolidated": str(train_fsdp.consolidate(Path(args.out_dir), args.overwrite))}
+    caller_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     dist_info, device = _init_distributed(args.device, args.fsdp)
     lock = OutDirLock(Path(args.out_dir))
     try:
@@ -134,8 +135,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             return _train(args, dist_info, device)
     finally:
         lock.release()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if not caller_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the group this call made
 
 
 def _on_rank0(d: "Dist", step: Callable[[], None]) -> None:
@@ -170,7 +171,7 @@ def _claim_out_dir(args: argparse.Namespace, lock: OutDirLock) -> None:
 
 def _train(args: argparse.Namespace, d: Dist, device) -> Dict[str, Any]:
     out_dir = Path(args.out_dir)
-    run = _Run(args, d, device, out_dir, out_dir / "ckpt.pt")
+    run = _Run(args, d, device, out_dir, out_dir / (train_fsdp.DCP_NAME if args.fsdp else "ckpt.pt"))
     if args.resume:
         if not args.fsdp and not run.ckpt_path.exists() and (out_dir / train_fsdp.DCP_NAME).exists():
             raise TrainError(f"{out_dir} holds an FSDP checkpoint: resume with --fsdp, or --consolidate it into {run.ckpt_path}")
