@@ -58,7 +58,8 @@ def fsdp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     data, out = corpus(tmp), tmp / "out"
     result = subprocess.run(torchrun_cmd(out, data, "--ckpt-interval", "10"), capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-8000:]
+    log = (out / "log.jsonl").read_text() if (out / "log.jsonl").exists() else "(no log)"
+    assert result.returncode == 0, result.stderr[-8000:] + "\nLOG:\n" + log
     return data, out
 
 
@@ -94,7 +95,7 @@ def test_fsdp_losses_match_single_process_training(fsdp_run):
     got, want = losses(out), single_process_losses(data)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
-        assert got[step] == pytest.approx(want[step], rel=2e-5, abs=2e-5), step
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step  # measured: 1e-7
     assert got[STEPS] < got[1] - 0.2, "it learns"
 
 
