@@ -33,6 +33,7 @@ def read_readme() -> str:
 PACKAGES = [
     "fastgpt",
     "fastgpt.ops",
+    "fastgpt.app",
     "fastgpt.kernels",
     "fastgpt.tools",
     "fastgpt.tools.bench",
@@ -102,7 +103,7 @@ setup(
         "plot": ["matplotlib"],
         "build": ["ninja", "pybind11"],
     },
-    entry_points={"console_scripts": ["fastgpt=fastgpt.cli:main", "fastgpt-train=fastgpt.train:cli_main"]},
+    entry_points={"console_scripts": ["fastgpt=fastgpt.cli:main", "fastgpt-train=fastgpt.app.train:cli_main"]},
     zip_safe=False,
     **cuda_extension(),
 )

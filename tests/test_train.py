@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastgpt import train as fg_train
+from fastgpt.app import train as fg_train
 from train_helpers import wait_for_log_step
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64", "--batch-size", "8", "--no-progress"]

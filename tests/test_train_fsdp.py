@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastgpt import train as fg_train
+from fastgpt.app import train as fg_train
 from train_helpers import wait_for_log_step
-from fastgpt import train_fsdp
+from fastgpt.app import train_fsdp
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -146,7 +146,7 @@ def test_fsdp_kill_and_resume_with_activation_checkpointing_reproduces_the_run(f
 
 
 def test_consolidated_checkpoint_loads_in_generate_and_reproduces_the_val_loss(fsdp_run, tmp_path):
-    from fastgpt.generate import generate_text
+    from fastgpt.app.generate import generate_text
 
     data, reference = fsdp_run
     out = tmp_path / "out"

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fastgpt import cli
-from fastgpt import train as fg_train
-from fastgpt.train_checkpoint import LOCK_NAME, OutDirLock
+from fastgpt.app import train as fg_train
+from fastgpt.app.train_checkpoint import LOCK_NAME, OutDirLock
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4", "--no-progress"]
 RUN = TINY + ["--max-steps", "4", "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "1", "--ckpt-interval", "2"]

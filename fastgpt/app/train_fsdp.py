@@ -30,8 +30,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
-from fastgpt.train_checkpoint import OutDirLock, load_checkpoint, save_checkpoint
-from fastgpt.train_data import TrainError
+from fastgpt.app.train_checkpoint import OutDirLock, load_checkpoint, save_checkpoint
+from fastgpt.app.train_data import TrainError
 
 DCP_NAME = "ckpt.dcp"
 META_NAME = "meta.pt"

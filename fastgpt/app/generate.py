@@ -6,7 +6,7 @@ import math
 import sys
 from pathlib import Path
 
-from fastgpt._app import (
+from fastgpt.app.common import (
     backend_notice, brief_errors, check_device, device_name, fallback_notices, positive_float, positive_int, seed_int, writable_json_path,
 )
 
@@ -31,7 +31,7 @@ def generate_text(ckpt_path: str, prompt: str, max_new_tokens: int, temperature:
     import torch
 
     from fastgpt.model import GPT, GPTConfig
-    from fastgpt.train import TrainError, load_checkpoint
+    from fastgpt.app.train import TrainError, load_checkpoint
 
     if max_new_tokens < 1:
         raise TrainError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
@@ -62,7 +62,7 @@ def generate_text(ckpt_path: str, prompt: str, max_new_tokens: int, temperature:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fastgpt.train import TrainError
+    from fastgpt.app.train import TrainError
 
     import torch
 

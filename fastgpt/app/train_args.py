@@ -2,8 +2,8 @@
 
 import argparse
 
-from fastgpt._app import brief_errors, device_name, float_in, int_at_least, positive_float, positive_int, seed_int
-from fastgpt.train_data import TrainError
+from fastgpt.app.common import brief_errors, device_name, float_in, int_at_least, positive_float, positive_int, seed_int
+from fastgpt.app.train_data import TrainError
 
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
 

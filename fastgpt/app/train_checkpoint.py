@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from fastgpt.train_data import TrainError
+from fastgpt.app.train_data import TrainError
 
 try:
     import fcntl
