@@ -241,8 +241,9 @@ def linear_cross_entropy_chunked(
     flag is set. ``rows_fn(z, target, ignore_index, label_smoothing, grad_scale) -> (loss, dz)`` is
     the per-chunk cross-entropy (the Triton backend passes its kernel, which writes dz over z).
     The logits and their gradient meet x and weight in matmuls of x's dtype (as eager code's do);
-    dweight and dbias are summed over chunks in the compute dtype. Returns (loss (N,) in the
-    compute dtype, dx, dweight, dbias), None for a gradient not asked for.
+    dweight and dbias are summed over chunks in the compute dtype. Returns (loss (N,), dx (x's dtype),
+    dweight, dbias (both in the compute dtype: the caller rounds them once, after any scaling)),
+    None for a gradient not asked for.
     """
     n, v = x.shape[0], weight.shape[0]
     cd = compute_dtype(x.dtype)
@@ -266,16 +267,18 @@ def linear_cross_entropy_chunked(
             continue
         if db is not None:
             db += g.sum(0, dtype=cd)
-        g = g.to(x.dtype)
+        gx = g.to(x.dtype)
         if dx is not None:
-            torch.mm(g, weight, out=dx[c0:c1])
+            torch.mm(gx, weight, out=dx[c0:c1])
         if dw is not None:
             if dw.dtype == x.dtype:
-                dw.addmm_(g.t(), xc)
+                dw.addmm_(gx.t(), xc)
+            elif x.device.type != "cuda":
+                dw.addmm_(g.t().to(cd), xc.to(cd))  # a float32 GEMM costs a CPU no more; no (V, D) temporary
             else:
-                dw += torch.mm(g.t(), xc)
-        del g
-    return loss, dx, (dw.to(weight.dtype) if dw is not None else None), (db.to(bias.dtype) if db is not None else None)
+                dw += torch.mm(gx.t(), xc)  # 16-bit GEMM, its (V, D) result summed in float32
+        del g, gx
+    return loss, dx, dw, db
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,10 +40,19 @@ _INTERPRETER_BLOCK = 256  # small, so the CPU tests cross several blocks and a r
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """float32 rounded to the nearest bfloat16 (ties to even), still float32: the interpreter's own
+    float32 -> bfloat16 cast truncates, where a GPU rounds to nearest (only the interpreter runs this)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _cross_entropy_kernel(
     Z, stride_z, DZ, stride_dz, Target, Loss, Scale, stride_scale,
     V, ignore_index, smoothing,
-    HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z
@@ -85,6 +94,8 @@ def _cross_entropy_kernel(
             if HAS_SMOOTHING:
                 g -= smoothing / V
             g = tl.where(cols == t_safe, g - (1.0 - smoothing), g) * scale
+            if ROUND_BF16:
+                g = _round_to_bf16(g)
             tl.store(dz_row + cols, g.to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -107,7 +118,8 @@ def forward_plan(z: Tensor, target: Tensor, loss: Tensor, dz: Optional[Tensor], 
             "Target": target, "Loss": loss, "Scale": scale, "stride_scale": scale.stride(0) if scale.dim() else 0,
             "V": v, "ignore_index": int(ignore_index), "smoothing": float(label_smoothing),
         },
-        constexprs={"HAS_GRAD": has_grad, "HAS_SMOOTHING": label_smoothing > 0.0},
+        constexprs={"HAS_GRAD": has_grad, "HAS_SMOOTHING": label_smoothing > 0.0,
+                    "ROUND_BF16": has_grad and dz.dtype == torch.bfloat16 and interpreter_active()},
         # one config, never benchmarked: the kernel may write in place, so it must run exactly once
         configs=(Config(1, bn, 8 if bn >= 2048 else 4, 1),),
         grid=lambda config: (rows,),

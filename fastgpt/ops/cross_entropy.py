@@ -140,8 +140,10 @@ def _ce_fwd_fake(logits, target, ignore_index, reduction, label_smoothing, need_
 
 def _ce_bwd(dloss: Tensor, logits: Tensor, target: Tensor, dlogits: Tensor, ignore_index: int, reduction: str, label_smoothing: float) -> Tensor:
     cd = reference.compute_dtype(logits.dtype)
-    if reduction != "none" and dlogits.numel() == logits.numel():
-        return (dlogits.to(cd) * dloss.to(cd)).to(logits.dtype)  # exact when dloss is 1
+    if reduction != "none" and dlogits.numel() == logits.numel() and logits.dtype == cd:
+        return dlogits * dloss.to(cd)
+    # 16-bit logits: recompute with the upstream gradient folded into the scale, so the gradient is
+    # rounded to the 16-bit type once (scaling the stored 16-bit gradient would round it twice)
     _, dz = _ce_compute(logits, target, ignore_index, label_smoothing, _grad_scale(target, ignore_index, reduction, cd, dloss))
     return dz
 
@@ -156,10 +158,22 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, reduction, label_smoothing)
 
 
+def _unit_upstream(reduction: str, dloss: Tensor, saved_grad: Tensor) -> bool:
+    """In eager mode, when the upstream gradient of a reduced loss is 1 (the usual ``loss.backward()``),
+    the forward's gradients are the answer: returning them costs one scalar sync (as Liger-Kernel's
+    check does) instead of a scaled copy of dweight / dlogits. Under torch.compile the backward op
+    always runs (a custom op may not return its inputs)."""
+    if reduction == "none" or saved_grad.numel() == 0 or is_compiling() or dloss.device.type == "meta":
+        return False
+    return bool(dloss == 1)
+
+
 def _ce_backward(ctx, cross_entropy_bwd, dloss, _ddlogits):
     if dloss is None:
         return (None,) * 6
     logits, target, dlogits = ctx.saved_tensors
+    if _unit_upstream(ctx.args[1], dloss, dlogits):
+        return dlogits, None, None, None, None, None
     return cross_entropy_bwd(dloss.contiguous(), logits, target, dlogits, *ctx.args), None, None, None, None, None
 
 
@@ -188,6 +202,7 @@ def _lce_fwd(
     flags = (need_dx and now, need_dweight and now, need_dbias and now and bias is not None)
     scale = _grad_scale(target, ignore_index, reduction, cd) if any(flags) else None
     loss, dx, dw, db = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, *flags)
+    # dweight and dbias stay in the compute dtype until the backward has scaled them: one rounding
     return (
         _reduce(loss, target, ignore_index, reduction, x.dtype),
         dx if dx is not None else _empty(x),
@@ -201,8 +216,8 @@ def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, label_smooth
     return (
         _loss_fake(x.shape[0], x, reduction),
         torch.empty_like(x) if need_dx and now else _empty(x),
-        torch.empty_like(weight) if need_dweight and now else _empty(weight),
-        weight.new_empty(weight.shape[0], dtype=bias.dtype) if need_dbias and now and bias is not None else _empty(weight),
+        torch.empty_like(weight, dtype=_cd(weight)) if need_dweight and now else _empty(weight),
+        weight.new_empty(weight.shape[0], dtype=_cd(weight)) if need_dbias and now and bias is not None else _empty(weight),
     )
 
 
@@ -215,11 +230,16 @@ def _lce_bwd(
     if reduction == "none":
         scale = _grad_scale(target, ignore_index, reduction, cd, dloss)
         _, dx, dweight, dbias = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, need_dx, need_dweight, need_dbias)
+        s = None
     else:
         s = dloss.to(cd)
-        dx, dweight, dbias = ((g.to(cd) * s).to(g.dtype) if need else None for g, need in ((dx, need_dx), (dweight, need_dweight), (dbias, need_dbias)))
-    return (dx if dx is not None else _empty(x), dweight if dweight is not None else _empty(weight),
-            dbias if dbias is not None else _empty(weight))
+    out = []
+    for g, need, like in ((dx, need_dx, x), (dweight, need_dweight, weight), (dbias, need_dbias, bias)):
+        if not need or g is None:
+            out.append(_empty(x))
+            continue
+        out.append((g if s is None else g.to(cd) * s).to(like.dtype))
+    return tuple(out)
 
 
 def _lce_bwd_fake(dloss, x, weight, bias, target, dx, dweight, dbias, ignore_index, reduction, label_smoothing, need_dx, need_dweight, need_dbias):
@@ -228,6 +248,10 @@ def _lce_bwd_fake(dloss, x, weight, bias, target, dx, dweight, dbias, ignore_ind
         torch.empty_like(weight) if need_dweight else _empty(weight),
         weight.new_empty(weight.shape[0], dtype=bias.dtype) if need_dbias and bias is not None else _empty(weight),
     )
+
+
+def _cd(t: Tensor) -> torch.dtype:
+    return reference.compute_dtype(t.dtype)
 
 
 def _lce_setup_context(ctx, inputs, output):
@@ -241,8 +265,9 @@ def _lce_backward(ctx, linear_cross_entropy_bwd, dloss, _dx, _dw, _db):
     if dloss is None:
         return (None,) * 10
     x, weight, bias, target, dx, dw, db = ctx.saved_tensors
-    _, _, _, need_dx, need_dw, need_db = ctx.args
-    dx, dw, db = linear_cross_entropy_bwd(dloss.contiguous(), x, weight, bias, target, dx, dw, db, *ctx.args)
+    _, reduction, _, need_dx, need_dw, need_db = ctx.args
+    if not (x.dtype == _cd(x) and _unit_upstream(reduction, dloss, dx if need_dx else dw)):  # 16-bit: rounded in the op
+        dx, dw, db = linear_cross_entropy_bwd(dloss.contiguous(), x, weight, bias, target, dx, dw, db, *ctx.args)
     return (dx if need_dx else None), (dw if need_dw else None), (db if need_db and bias is not None else None), *(None,) * 7
 
 
@@ -273,8 +298,8 @@ def _check_target(fn: str, target, rows_shape: torch.Size, v: int, ignore_index:
         raise TypeError(f"{fn}: target must have dtype int64 or int32 (class indices); got {target.dtype}")
     if target.shape != rows_shape:
         raise ValueError(f"{fn}: target must have shape {tuple(rows_shape)} ({what}); got {tuple(target.shape)}")
-    if target.numel() == 0 or is_compiling():
-        return  # a data-dependent check cannot be traced; compiled calls rely on the eager run's check
+    if target.numel() == 0 or is_compiling() or target.device.type == "meta":
+        return  # a data-dependent check cannot be traced (compiled calls) and meta tensors hold no data
     bad = (target != ignore_index) & ((target < 0) | (target >= v))
     if bool(bad.any()):
         i = int(bad.reshape(-1).nonzero()[0])
