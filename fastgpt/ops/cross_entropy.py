@@ -32,15 +32,18 @@ __all__ = ["cross_entropy", "linear_cross_entropy", "chunk_rows"]
 REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 CHUNK_MAX_BYTES = 256 * 2**20  # cap on one chunk's float32 logits
+CHUNK_MIN_BYTES = 2**20  # below a MiB of logits, chunking saves nothing and costs a Python loop
 _KERNEL_MODULE = "fastgpt.kernels.cross_entropy"
 _EMPTY_SHAPE = (0,)
 
 
 def chunk_rows(n: int, v: int, d: int) -> int:
     """Tokens per chunk of the linear cross-entropy: a chunk's logits about the size of x (N / ceil(V / D)
-    rows, Liger-Kernel's rule), at most :data:`CHUNK_MAX_BYTES` of float32 logits, at least one row."""
-    rows = math.ceil(max(n, 1) / math.ceil(max(v, 1) / max(d, 1)))
-    return max(1, min(rows, CHUNK_MAX_BYTES // (4 * max(v, 1))))
+    rows, Liger-Kernel's rule), at least :data:`CHUNK_MIN_BYTES` and at most :data:`CHUNK_MAX_BYTES`
+    of float32 logits, at least one row."""
+    v = max(v, 1)
+    rows = max(math.ceil(max(n, 1) / math.ceil(v / max(d, 1))), CHUNK_MIN_BYTES // (4 * v))
+    return max(1, min(rows, CHUNK_MAX_BYTES // (4 * v)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +403,7 @@ register(
         custom_ops=(_cross_entropy,),
         dims=("T", "V"),
         parity_dims=((33, 1000), (257, 5003)),
-        dispatch_sizes={"tiny": (8, 64), "small": (768, 1024), "realistic": (1024, 8192)},
+        dispatch_sizes={"tiny": (8, 64), "small": (256, 1024), "realistic": (512, 8192)},
         cases=_cases.cross_entropy_cases(cross_entropy),
     )
 )
@@ -413,7 +416,7 @@ register(
         custom_ops=(_linear_cross_entropy,),
         dims=("T", "V", "D"),
         parity_dims=((33, 1000, 16), (257, 5003, 64)),
-        dispatch_sizes={"tiny": (8, 64, 16), "small": (768, 1024, 128), "realistic": (1024, 8192, 256)},
+        dispatch_sizes={"tiny": (8, 64, 16), "small": (256, 1024, 64), "realistic": (256, 8192, 128)},
         cases=_cases.linear_cross_entropy_cases(linear_cross_entropy),
     )
 )
