@@ -182,6 +182,7 @@ TRITON_CASES = [
     (7, 1000, "some", "mean", 0.1),  # 4 vocabulary blocks of 256 in the interpreter, the last ragged
     (7, 300, "some", "none", 0.0),
     (5, 300, "all", "sum", 0.0),
+    (7, 17, "some", "sum", 0.3),
 ]
 
 
@@ -190,7 +191,8 @@ TRITON_CASES = [
 def test_cross_entropy_triton_parity(case, dtype, device):
     n, v, ignored, reduction, ls = case
     t = make_target(n, v, ignored).to(device)
-    z = (torch.randn(n, v) * 3).to(device).requires_grad_()
+    # shifted: the loss does not change, but a wrong smoothing term (eps / V * sum z) would
+    z = (torch.randn(n, v) * 3 + 5).to(device).requires_grad_()
     fn = lambda z: fastgpt.cross_entropy(z, t, reduction=reduction, label_smoothing=ls)  # noqa: E731
     with backends.use_backend("triton", strict=True):
         check_against_torch("cross_entropy", fn, lambda z: oracle_cross_entropy(z, t, reduction, ls), [z], dtype)
