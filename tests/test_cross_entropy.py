@@ -356,3 +356,28 @@ def test_linear_cross_entropy_under_torch_compile_fullgraph(reduction):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_plain_backward_of_the_mean_loss_meets_the_parity_rule(backend, dtype, device, monkeypatch):
+    """loss.backward() (upstream gradient exactly 1) takes the eager shortcut: the forward's gradients."""
+    from fastgpt.testing import assert_parity
+
+    monkeypatch.setattr(ce_mod, "chunk_rows", lambda n, v, d: 4)
+    n, v, d = 9, 300, 16
+    t = make_target(n, v).to(device)
+    x0, w0 = torch.randn(n, d).to(dtype).to(device), (torch.randn(v, d) * d**-0.5).to(dtype).to(device)
+
+    def grads(fn, dt):
+        x, w = x0.to(dt).requires_grad_(), w0.to(dt).requires_grad_()
+        fn(x, w).backward()
+        return x.grad, w.grad
+
+    with backends.use_backend(backend, strict=backend == "triton"):
+        ours = grads(lambda x, w: fastgpt.linear_cross_entropy(x, w, t), dtype)
+    base = grads(lambda x, w: F.cross_entropy(x @ w.t(), t, ignore_index=IGNORE), dtype)
+    ref = grads(lambda x, w: F.cross_entropy(x @ w.t(), t, ignore_index=IGNORE), torch.float64)
+    for name, o, b, r in zip(("dx", "dweight"), ours, base, ref):
+        assert o.dtype == dtype
+        assert_parity(name, o, r, b, gradient=True)

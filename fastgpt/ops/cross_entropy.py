@@ -236,12 +236,15 @@ def _lce_bwd(
         s = None
     else:
         s = dloss.to(cd)
+        if s.device.type != "meta" and bool(s == 1):
+            s = None  # the usual loss.backward(): round the float32 sums once, without a float32 product
     out = []
     for g, need, like in ((dx, need_dx, x), (dweight, need_dweight, weight), (dbias, need_dbias, bias)):
         if not need or g is None:
             out.append(_empty(x))
             continue
-        out.append((g if s is None else g.to(cd) * s).to(like.dtype))
+        # a fresh tensor: a custom op may not return its inputs (the saved gradients)
+        out.append(g.to(like.dtype, copy=reduction != "none") if s is None else (g.to(cd) * s).to(like.dtype))
     return tuple(out)
 
 
