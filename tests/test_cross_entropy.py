@@ -370,7 +370,7 @@ def test_plain_backward_of_the_mean_loss_meets_the_parity_rule(backend, dtype, d
     x0, w0 = torch.randn(n, d).to(dtype).to(device), (torch.randn(v, d) * d**-0.5).to(dtype).to(device)
 
     def grads(fn, dt):
-        x, w = x0.to(dt).requires_grad_(), w0.to(dt).requires_grad_()
+        x, w = x0.to(dt).clone().requires_grad_(), w0.to(dt).clone().requires_grad_()
         fn(x, w).backward()
         return x.grad, w.grad
 
