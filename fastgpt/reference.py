@@ -28,6 +28,8 @@ __all__ = [
     "causal_mask",
     "attention_forward",
     "attention_backward",
+    "cross_entropy_rows",
+    "linear_cross_entropy_chunked",
     "layer_norm_forward",
     "layer_norm_backward",
     "add_layer_norm_forward",
@@ -215,6 +217,104 @@ def attention_backward(
     dk = _sum_groups(torch.matmul(ds.transpose(-2, -1), torch.where(torch.isnan(q_c), zero, q_c)) * scale, hk)
     dv = _sum_groups(torch.matmul(p.transpose(-2, -1), do_c), hk)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy (logits are 2-D here: rows x vocab; the public ops flatten)
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy_rows(
+    z: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, grad_scale: Optional[Tensor] = None
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Each row's loss of logits ``z`` (rows, V) and, when ``grad_scale`` is given, its gradient.
+
+    ``loss_i = lse_i - (1 - eps) z[i, t_i] - eps / V sum_j z[i, j]`` (torch's label smoothing), 0 where
+    ``t_i == ignore_index``. The gradient is ``grad_scale_i * (softmax(z_i) - (1 - eps) onehot(t_i) -
+    eps / V)``, 0 on ignored rows; ``grad_scale`` is 0-d or (rows,). Both in the compute dtype
+    (float32 for 16-bit z); z itself is never modified.
+    """
+    zc = z.to(compute_dtype(z.dtype))
+    v = zc.shape[-1]
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).long().unsqueeze(1)
+    lse = torch.logsumexp(zc, dim=-1)
+    loss = lse - (1.0 - label_smoothing) * zc.gather(1, t).squeeze(1)
+    if label_smoothing:
+        loss = loss - (label_smoothing / v) * zc.sum(-1)
+    loss = torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    if grad_scale is None:
+        return loss, None
+    # in place on the float32 copy of 16-bit logits; a new tensor when z already has the compute dtype
+    g = (zc - lse.unsqueeze(1)) if zc is z else zc.sub_(lse.unsqueeze(1))
+    g.exp_()
+    if label_smoothing:
+        g.sub_(label_smoothing / v)
+    g.scatter_add_(1, t, torch.full_like(t, -(1.0 - label_smoothing), dtype=g.dtype))
+    g.mul_((grad_scale.to(g.dtype) * valid).unsqueeze(1))  # 0-d or (rows,) scale, zero on ignored rows
+    return loss, g
+
+
+def linear_cross_entropy_chunked(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    grad_scale: Optional[Tensor],
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    chunk: int,
+    rows_fn=cross_entropy_rows,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Each row's loss of ``x @ weight.T + bias`` and the gradients of x, weight and bias, ``chunk`` rows at a time.
+
+    x (N, D), weight (V, D), bias (V,) or None, target (N,). The logits of one chunk (chunk, V) are the
+    largest tensor alive; the (N, V) logits never exist. ``grad_scale`` (0-d or (N,)) scales each
+    row's gradient (see :func:`cross_entropy_rows`); the gradients are computed only when a ``need_*``
+    flag is set. ``rows_fn(z, target, ignore_index, label_smoothing, grad_scale) -> (loss, dz)`` is
+    the per-chunk cross-entropy (the Triton backend passes its kernel, which writes dz over z).
+    The logits and their gradient meet x and weight in matmuls of x's dtype (as eager code's do);
+    dweight and dbias are summed over chunks in the compute dtype. Returns (loss (N,), dx (x's dtype),
+    dweight, dbias (both in the compute dtype: the caller rounds them once, after any scaling)),
+    None for a gradient not asked for.
+    """
+    n, v = x.shape[0], weight.shape[0]
+    cd = compute_dtype(x.dtype)
+    need_grad = need_dx or need_dweight or need_dbias
+    loss = torch.empty(n, dtype=cd, device=x.device)
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.zeros(weight.shape, dtype=cd, device=x.device) if need_dweight else None
+    db = torch.zeros(v, dtype=cd, device=x.device) if need_dbias else None
+    wt = weight.t()
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        xc = x[c0:c1]
+        z = torch.addmm(bias, xc, wt) if bias is not None else torch.mm(xc, wt)
+        scale = None
+        if need_grad:
+            scale = grad_scale if grad_scale.dim() == 0 else grad_scale[c0:c1]
+        loss_c, g = rows_fn(z, target[c0:c1], ignore_index, label_smoothing, scale)
+        loss[c0:c1] = loss_c
+        del z
+        if not need_grad:
+            continue
+        if db is not None:
+            db += g.sum(0, dtype=cd)
+        gx = g.to(x.dtype)
+        if dx is not None:
+            torch.mm(gx, weight, out=dx[c0:c1])
+        if dw is not None:
+            if dw.dtype == x.dtype:
+                dw.addmm_(gx.t(), xc)
+            elif x.device.type != "cuda":
+                dw.addmm_(g.t().to(cd), xc.to(cd))  # a float32 GEMM costs a CPU no more; no (V, D) temporary
+            else:
+                dw += torch.mm(gx.t(), xc)  # 16-bit GEMM, its (V, D) result summed in float32
+        del g, gx
+    return loss, dx, dw, db
 
 
 # --------------------------------------------------------------------------------------------
