@@ -76,6 +76,8 @@ class OpSpec:
     * ``causal``: the op takes a causal flag (its dispatch cases are causal).
     * ``report_shapes``: extra (rows, cols) that ``fastgpt inspect`` reads (multi-pass kernels).
     * ``cases``: how the tools make inputs, peers, work and targets (:class:`OpCases`).
+    * ``differentiable``: the op has a gradient (False: inference-only; its tools run "fwd" only,
+      its ``_bwd`` custom op raises, and its work model has no "bwd").
     """
 
     name: str
@@ -90,6 +92,7 @@ class OpSpec:
     causal: bool = False
     report_shapes: Tuple[Tuple[int, int], ...] = ()
     cases: Optional[OpCases] = None
+    differentiable: bool = True
 
 
 _SPECS: Dict[str, OpSpec] = {}
