@@ -357,6 +357,23 @@ def _targets(mode, dims, vs, pct):
     pct("pct_of_copy_bandwidth", 80.0, "copy bandwidth (KV read)")
 
 
+# `fastgpt inspect`: one decode step of an 8B-class GQA model (32 query heads, 8 kv heads, d=128) over
+# an 8k cache, batch 1 and 8 (the same shapes as the main kernel's decode-gqa cases)
+REPORT_CASES = tuple(
+    dict(op="decode_attention", name=f"kvcache-gqa-b{b}", b=b, hq=32, hk=8, sq=1, sk=8192, d=128, causal=True,
+         dtype="bfloat16", passes=("fwd",), quick=True)
+    for b in (1, 8)
+)
+
+
+def _report_plans(case):
+    from fastgpt.kernels import decode_attention as kd
+
+    plans = kd.example_plans(case["b"], case["hq"], case["hk"], case["sq"], case["sk"], case["d"],
+                             getattr(torch, case["dtype"]), case["causal"])
+    return [("fwd", p) for p in plans]
+
+
 register(
     OpSpec(
         name="decode_attention",
@@ -368,6 +385,8 @@ register(
         dispatch_sizes={"tiny": (1, 4, 2, 1, 16, 16), "small": (8, 4, 4, 1, 256, 32), "realistic": (4, 12, 12, 1, 1024, 64)},
         causal=True,
         differentiable=False,
+        report_cases=REPORT_CASES,
+        report_plans=_report_plans,
         cases=OpCases(
             gpu_shapes=_gpu_shapes,
             smoke_shapes=_smoke_shapes,
