@@ -2,7 +2,7 @@
 
 The ``triton`` backend of :func:`fastgpt.flash_attn_with_kvcache` (:mod:`fastgpt.ops.decode_attention`)::
 
-    unsupported_reason(q, k_cache) -> str | None
+    unsupported_reason(q, k_cache, v_cache) -> str | None
     forward(q, k_cache, v_cache, seqlens, batch_idx, block_table, out, lse, causal, scale, num_splits) -> None
 
 Layouts are flash-attn's: q (B, Sq, Hq, D), out (B, Sq, Hq, Dv) in q's dtype, lse (B, Hq, Sq)
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, next_pow2
+from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, length_bucket, next_pow2
 from .flash_attention import LOG2E, SUPPORTED_DTYPES, _dot, _dot_precision, head_dim_bucket
 
 __all__ = ["unsupported_reason", "forward", "forward_plans", "example_plans", "choose_num_splits", "PAGE_MULTIPLE",
@@ -47,16 +47,17 @@ PAGE_MULTIPLE = 16  # a paged cache's page size must be a multiple of every key 
 INTERPRETER_SMS = 132  # the SM count num_splits=0 assumes where there is no GPU (an H100's)
 
 C = Config
+# candidates for the tuner (the first is the default); `fastgpt inspect` compiles them all spill-free
+_16BIT = (C(16, 64, 4, 3), C(16, 64, 4, 2), C(16, 128, 4, 2), C(16, 32, 4, 4))
 # BLOCK_M is the packed query tile (GROUP * Sq rows, padded to a power of two >= 16, set per call);
 # the configs choose the key tile. 16-bit: K and V tiles of BLOCK_N x D stream through shared memory.
 CONFIGS: Dict[str, Dict[int, Tuple[Config, ...]]] = {
-    "16bit": {16: (C(16, 64, 4, 3),), 32: (C(16, 64, 4, 3),), 64: (C(16, 64, 4, 3),),
-              128: (C(16, 64, 4, 3),), 256: (C(16, 32, 4, 2),)},
+    "16bit": {**{bucket: _16BIT for bucket in (16, 32, 64, 128)}, 256: (C(16, 32, 4, 2), C(16, 64, 4, 1))},
     "fp32": {16: (C(16, 32, 4, 2),), 32: (C(16, 32, 4, 2),), 64: (C(16, 32, 4, 2),),
              128: (C(16, 32, 4, 2),), 256: (C(16, 16, 4, 2),)},
 }
 INTERPRETER_CONFIG = C(16, 16, 4, 1)
-del C
+del C, _16BIT
 
 
 @triton.jit
@@ -232,6 +233,7 @@ def forward_plans(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, 
                     "HEAD_DIM": d, "HEAD_DIM_V": dv, "BLOCK_D": max(16, next_pow2(d)), "BLOCK_DV": max(16, next_pow2(dv)),
                     "DOT_PRECISION": _dot_precision(q.dtype)},
         configs=configs, grid=lambda c: (b * hk, num_splits),
+        tune_key=(q.dtype, q.device.index, d, dv, block_m, paged, bool(causal), num_splits, length_bucket(capacity)),
     )  # fmt: skip
     combine = LaunchPlan(
         name="decode_combine", kernel=_decode_combine_kernel,
@@ -263,7 +265,7 @@ def example_plans(b: int, hq: int, hk: int, sq: int, sk: int, d: int, dtype: tor
 # --------------------------------------------------------------------------------------------
 
 
-def unsupported_reason(q: Tensor, k_cache: Tensor) -> Optional[str]:
+def unsupported_reason(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Optional[str]:
     """Why the kernel cannot take this call, or None (shapes, devices and ranges are validated upstream)."""
     from .flash_attention import unsupported_reason as attention_reason
 
@@ -273,6 +275,9 @@ def unsupported_reason(q: Tensor, k_cache: Tensor) -> Optional[str]:
         return f"{q.shape[1]} queries per sequence; the decode kernel takes at most {MAX_SQ}"
     if (q.shape[2] // k_cache.shape[2]) * q.shape[1] > 128:
         return "more than 128 query rows per kv head (query heads per kv head x queries)"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (t.shape[1] - 1) * t.stride(1) + (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= 2**31:
+            return f"{name} spans more than 2**31 elements within one sequence/page (32-bit in-kernel offsets)"
     q4 = q.transpose(1, 2)
     return attention_reason(q4, q4, q4)  # compute capability, head dim
 

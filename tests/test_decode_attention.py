@@ -14,7 +14,7 @@ import torch
 import fastgpt
 from fastgpt import backends
 from fastgpt.ops import decode_attention as op
-from fastgpt.testing import assert_parity
+from fastgpt.testing import TIGHT_FACTOR, assert_parity, attention_rounded_as_a_kernel_must, parity
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
 from fastgpt.kernels import decode_attention as kd  # noqa: E402
@@ -171,3 +171,28 @@ def test_generation_decodes_through_the_kernel_and_matches_recomputation(monkeyp
     assert len(calls) == 5 * 2 and all(s == (2, 1, 4, 8) for s in calls)  # 5 decode steps x 2 layers
     monkeypatch.setattr(op._decode, "forward", forward)
     assert torch.equal(cached, model.generate(idx, 6, top_k=1, use_cache=False))
+
+
+def test_bfloat16_paged_cache_with_two_queries_meets_the_tight_rule():
+    """bfloat16 P loses bits before P@V that torch's bf16 baseline keeps (and the interpreter rounds
+    float32 to bfloat16 toward zero): the tight 16-bit rule (fastgpt.testing) is the bound, per sequence."""
+    g = torch.Generator().manual_seed(4)
+    kc, vc, table = _cache(3, 320, 2, 32, torch.bfloat16, True, g, page=32)
+    q = torch.randn(3, 2, 8, 32, generator=g).to(DEVICE, torch.bfloat16)
+    seqlens = torch.tensor(LENGTHS, dtype=torch.int32, device=DEVICE)
+    with backends.use_backend("triton", strict=True):
+        out = fastgpt.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, block_table=table, causal=True, num_splits=3)
+    ref = op.decode_reference(q.double(), kc.double(), vc.double(), seqlens, None, table, True, 32 ** -0.5)[0]
+    for b, length in enumerate(LENGTHS):
+        k, v = (op._sequence_kv(c, b, length, None, table)[None].transpose(1, 2) for c in (kc, vc))
+        tight = attention_rounded_as_a_kernel_must(q[b : b + 1].transpose(1, 2), k, v, True, 32 ** -0.5,
+                                                   torch.zeros_like(q[b : b + 1].transpose(1, 2)),
+                                                   bf16_toward_zero=not torch.cuda.is_available())[0]
+        result = parity(f"sequence {b}", out[b], ref[b], tight[0].transpose(0, 1), atol=1e-6)
+        assert result.error <= TIGHT_FACTOR * result.base_error + 1e-6, str(result)
+
+
+def test_more_queries_than_the_kernel_takes_are_declined_by_name():
+    q, kc = torch.randn(1, kd.MAX_SQ + 1, 2, 16), torch.randn(1, 32, 2, 16)
+    with backends.use_backend("triton", strict=True), pytest.raises(backends.BackendUnavailableError, match="at most 16"):
+        fastgpt.flash_attn_with_kvcache(q, kc, kc.clone(), causal=True)

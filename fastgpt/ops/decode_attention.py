@@ -39,7 +39,7 @@ def _kernel_present() -> bool:
     return importlib.util.find_spec(_KERNEL_MODULE) is not None
 
 
-def _constraint(q: Tensor, k_cache: Tensor):
+def _constraint(q: Tensor, k_cache: Tensor, v_cache: Tensor):
     def why_not(backend: str) -> Optional[str]:
         if backend != "triton":
             return None
@@ -47,7 +47,7 @@ def _constraint(q: Tensor, k_cache: Tensor):
             return "the triton decode kernel is not part of this build"
         from fastgpt.kernels import decode_attention
 
-        return decode_attention.unsupported_reason(q, k_cache)
+        return decode_attention.unsupported_reason(q, k_cache, v_cache)
 
     return why_not
 
@@ -85,7 +85,7 @@ def decode_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tenso
 def _decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, batch_idx: Optional[Tensor],
                 block_table: Optional[Tensor], causal: bool, scale: float, num_splits: int) -> Tuple[Tensor, Tensor]:
     b, sq, hq, _ = q.shape
-    if q.numel() > 0 and backends.select("decode_attention", q.device, _constraint(q, k_cache)) == "triton":
+    if q.numel() > 0 and backends.select("decode_attention", q.device, _constraint(q, k_cache, v_cache)) == "triton":
         from fastgpt.kernels import decode_attention
 
         out = torch.empty(b, sq, hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
