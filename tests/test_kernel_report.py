@@ -442,3 +442,16 @@ def test_atomics_are_counted():
     counts = summarize_opcodes({"ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU": 2, "RED.E.ADD.F32.FTZ.RN.STRONG.GPU": 1,
                                 "REDG.E.ADD.STRONG.GPU": 1, "ATOMS.ADD": 1, "REDUX.SUM": 4, "FFMA": 3})
     assert counts["atomics"] == 5 and counts["ffma"] == 3
+
+
+def test_decode_kernel_launches_are_reported_spill_free_at_the_roofline_target(report):
+    """The split-KV decode op's launches (from its registry entry), batch 1 and 8, GQA 32/8, d=128,
+    8k cache: compiled for sm_80 and sm_90 without spills, modelled at >= 80% of the roofline."""
+    cases = {c["case"]: c for c in report["cases"] if c["op"] == "decode_attention"}
+    assert set(cases) == {"kvcache-gqa-b1", "kvcache-gqa-b8"}
+    for name, c in cases.items():
+        for gpu, g in c["gpus"].items():
+            assert g["fraction"] >= 0.8, (name, gpu, g)
+    rows = [r for r in report["rows"] if r["op"] == "decode_attention"]
+    assert {r["kernel"] for r in rows} == {"decode_split", "decode_combine"} and {r["arch"] for r in rows} == {80, 90}
+    assert all(r["stack"] == 0 and r["stl"] == 0 and r["ldl"] == 0 for r in rows)

@@ -284,6 +284,8 @@ def _impl(case: OpCase, impl: str, device: torch.device, backend_override: Optio
         member = getattr(SDPBackend, _SDPA_BACKENDS[impl], None)
         if member is None:
             raise Unavailable(f"torch {torch.__version__} has no SDPBackend.{_SDPA_BACKENDS[impl]}")
+        if "S" not in case.d:  # another op's eager formulation through SDPA (decode: SDPA on the same cache)
+            return _torch_fn(case, device), (lambda: sdpa_kernel(member))
         if impl == "sdpa-math":
             _check_materialised(case, t)
         causal = case.causal
@@ -306,6 +308,8 @@ def _impl(case: OpCase, impl: str, device: torch.device, backend_override: Optio
     if impl == "flash-attn":
         fa = _optional_module("flash_attn", "flash-attn")
         causal = case.causal
+        if "L" in case.d:  # decode over a KV cache: (B, S, H, D) already, the whole cache attended
+            return (lambda q, k_cache, v_cache: fa.flash_attn_with_kvcache(q, k_cache, v_cache, causal=causal)), contextlib.nullcontext
 
         def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # flash-attn's layout is (B, S, H, D): transposed views, no copies (last dim contiguous)
