@@ -561,7 +561,8 @@ def _dq_inner(
         s = _dot(q, tl.trans(k), None, DOT_PRECISION)
         p = tl.math.exp2(_at_most_zero(s * qk_scale - lse2[:, None]))
         if MASKED:
-            # padded keys must give P = 0 exactly: exp2(0 - lse2) can overflow for very negative lse
+            # padded keys get P = 0 (with P clamped at 1 and K's padding rows zero, dS @ K would drop them
+            # anyway: this is a guard, and the causal part below is not)
             keep = offs_n[None, :] < Sk
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)

@@ -60,9 +60,9 @@ MUTATIONS = {
     "fwd: key-bound mask of the ragged tile dropped": (
         "if MASKED:\n            keep = offs_n[None, :] < Sk", "if MASKED:\n            keep = offs_n[None, :] < Sk + BLOCK_N",
         "ragged"),
-    "dq: key-bound mask of the ragged tile dropped": (
-        "overflow for very negative lse\n            keep = offs_n[None, :] < Sk",
-        "overflow for very negative lse\n            keep = offs_n[None, :] < Sk + BLOCK_N", "negative scores"),
+    # (The dQ kernel's key-bound mask is no longer a live mutant: since P is clamped at 1 (issue 17) a padded
+    # key's P is finite, and its dS meets K's zero-filled padding rows in dS @ K, so dropping the mask
+    # changes no result. It stays in the kernel as a guard; the forward's and dK/dV's masks are tested.)
     "fwd: rows that saw no key subtract -inf (nan)": (
         "m_sub = tl.where(m_new == float(\"-inf\"), 0.0, m_new)", "m_sub = m_new", "causal"),
     # the GQA mapping (interleaved instead of grouped)
