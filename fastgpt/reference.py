@@ -431,7 +431,10 @@ def add_rms_norm_backward(
 
 
 def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
-    """``silu(gate) * up`` computed in float32 (float64 for float64 inputs), rounded once."""
+    """``silu(gate) * up`` computed in float32 (float64 for float64 inputs), rounded once (float32 and
+    float64 inputs: torch's ``F.silu(gate) * up``, which the op's torch shortcut also calls)."""
+    if gate.dtype in (torch.float32, torch.float64):
+        return torch.nn.functional.silu(gate) * up
     cd = compute_dtype(gate.dtype)
     g = gate.to(cd)
     return (g * torch.sigmoid(g) * up.to(cd)).to(gate.dtype)

@@ -29,6 +29,7 @@ __all__ = [
     "launch",
     "pick_config",
     "ceil_div",
+    "on_device",
 ]
 
 
@@ -160,3 +161,12 @@ def launch(plan: LaunchPlan) -> Config:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def on_device(t):
+    """Triton launches on the current CUDA device: a context that makes it ``t``'s (a no-op on cpu)."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

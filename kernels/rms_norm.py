@@ -27,7 +27,6 @@ Each launch is a :class:`~kernels._triton_utils.LaunchPlan` from :func:`forward_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional, Tuple
 
@@ -37,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._rounding import cast_out
-from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, next_pow2
+from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, next_pow2, on_device
 
 __all__ = ["unsupported_reason", "forward", "backward", "forward_plan", "backward_plan", "example_plans", "CHUNK_MAX"]
 
@@ -275,21 +274,17 @@ def unsupported_reason(x: Tensor) -> Optional[str]:
     return None
 
 
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], y: Tensor, s: Optional[Tensor], rstd: Tensor,
             eps: float, weight_offset: float = 0.0, cast_before_weight: bool = False) -> None:
     """Write y (and s = x + residual when residual is given) and rstd (M,) float32."""
-    with _on_device(x):
+    with on_device(x):
         launch(forward_plan(x, residual, weight, y, s, rstd, eps, weight_offset, cast_before_weight))
 
 
 def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dsum: Optional[Tensor], dx: Tensor,
              need_weight_grad: bool, weight_offset: float = 0.0, cast_before_weight: bool = False) -> Optional[Tensor]:
     """Write dx (plus dsum when given) and return dweight (weight's dtype) or None."""
-    with _on_device(x):
+    with on_device(x):
         plan, partial = backward_plan(dy, x, weight, rstd, dsum, dx, need_weight_grad, weight_offset, cast_before_weight)
         launch(plan)
     return None if partial is None else partial.sum(dim=0).to(weight.dtype)
