@@ -1,0 +1,178 @@
+"""Rotary embeddings: the Triton kernel (kernels/rotary.py, executed by the Triton interpreter on CPU) and
+the reference path against the float64 oracle (the parity rule, fastgpt.testing), with flash-attn's and
+Hugging Face's semantics: both layouts, rotary_dim < head dim, views of a fused qkv, sequence offsets,
+q and k in one launch, bad input, compile."""
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import backends
+from fastgpt.ops.rotary import eager_apply_rotary_pos_emb, rope_tables
+from fastgpt.testing import check_against_torch
+
+pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def flash_rotary_torch(x, cos, sin, interleaved=False):
+    """flash-attn's own test reference (apply_rotary_emb_torch): x (B, S, H, D), cos/sin (B or 1, S, R/2)."""
+    r = 2 * cos.shape[-1]
+    if interleaved:
+        cos, sin = (t.repeat_interleave(2, dim=-1)[:, :, None] for t in (cos, sin))
+        x1, x2 = x[..., :r:2], x[..., 1:r:2]
+        rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:
+        cos, sin = (torch.cat((t, t), dim=-1)[:, :, None] for t in (cos, sin))
+        x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
+        rot = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x[..., :r] * cos + rot * sin, x[..., r:]), dim=-1)
+
+
+def tables(s_max, r2, dtype, seed=1):
+    """Rotation tables rounded to ``dtype`` once; as_(x) gives them in x's dtype (float64 for the oracle)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.rand(s_max, r2, generator=g) * 6.3
+    cos, sin = theta.cos().to(dtype), theta.sin().to(dtype)
+    return lambda x: (cos.to(x.dtype), sin.to(x.dtype))
+
+
+def leaf(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+
+
+def positions(offsets, b, s):
+    if isinstance(offsets, int):
+        return torch.arange(offsets, offsets + s)[None].expand(b, s)
+    return offsets[:, None] + torch.arange(s)
+
+
+# (B, S, H, D, rotary_dim, offsets): D not a power of two, rotary_dim < D, int and per-batch offsets
+CASES = [
+    (2, 5, 3, 16, 16, 0),
+    (1, 7, 2, 24, 8, 3),
+    (2, 4, 1, 40, 32, "tensor"),
+    (1, 1, 4, 8, 4, 9),  # one decoding step
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_apply_rotary_emb_matches_oracle(case, interleaved, dtype):
+    b, s, h, d, r, offsets = case
+    offsets = torch.tensor([2, 0])[:b] if offsets == "tensor" else offsets
+    tab = tables(16, r // 2, dtype)
+    pos = positions(offsets, b, s)
+
+    def fn(x):
+        cos, sin = tab(x)
+        return fastgpt.apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=offsets)
+
+    def torch_fn(x):
+        cos, sin = tab(x)
+        return flash_rotary_torch(x, cos[pos], sin[pos], interleaved)
+
+    with fastgpt.use_backend("triton", strict=True):
+        check_against_torch(f"rotary {case}", fn, torch_fn, [leaf(b, s, h, d)], dtype)
+        assert backends.last_choice("rotary").backend == "triton"
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+def test_triton_q_and_k_from_a_fused_qkv_in_one_launch(interleaved, dtype):
+    """q and k as strided views of a fused (B, S, Hq + 2 Hk, D) projection, GQA head counts."""
+    b, s, hq, hk, d = 2, 6, 4, 2, 16
+    tab = tables(6, 6, dtype)  # rotary_dim 12 < 16
+
+    def split(qkv):
+        return qkv[:, :, :hq], qkv[:, :, hq : hq + hk]
+
+    def fn(qkv):
+        cos, sin = tab(qkv)
+        return fastgpt.apply_rotary_emb_qk(*split(qkv), cos, sin, interleaved=interleaved, seqlen_offsets=0)
+
+    def torch_fn(qkv):
+        cos, sin = tab(qkv)
+        q, k = split(qkv)
+        return flash_rotary_torch(q, cos[None], sin[None], interleaved), flash_rotary_torch(k, cos[None], sin[None], interleaved)
+
+    with fastgpt.use_backend("triton", strict=True):
+        check_against_torch("rotary fused qkv", fn, torch_fn, [leaf(b, s, hq + 2 * hk, d)], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize("tables_kind", ["llama", "batched_unequal_halves"])
+def test_triton_hf_apply_rotary_pos_emb_matches_oracle(tables_kind, unsqueeze_dim, dtype):
+    b, s, hq, hk, d = 2, 5, 4, 2, 16
+    if tables_kind == "llama":
+        cos, sin = rope_tables(s, d, "cpu", torch.float32)
+    else:  # arbitrary (B, S, D) tables whose halves differ: Hugging Face's formula holds exactly
+        cos, sin = torch.randn(2, b, s, d, generator=torch.Generator().manual_seed(3))
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    shape = (b, hq, s, d) if unsqueeze_dim == 1 else (b, s, hq, d)
+    kshape = (b, hk, s, d) if unsqueeze_dim == 1 else (b, s, hk, d)
+
+    def fn(q, k):
+        return fastgpt.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=unsqueeze_dim)
+
+    def torch_fn(q, k):
+        return eager_apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim)
+
+    with fastgpt.use_backend("triton", strict=True):
+        check_against_torch(f"hf rotary {tables_kind}", fn, torch_fn, [leaf(*shape), leaf(*kshape, seed=1)], dtype)
+        q, k = leaf(*shape), leaf(*kshape, seed=1)
+        oq, ok = fastgpt.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    assert oq.shape == q.shape and ok.shape == k.shape and oq.is_contiguous() and ok.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_path_matches_oracle(dtype):
+    tab = tables(9, 4, dtype)
+    with fastgpt.use_backend("reference"):
+        for interleaved in (False, True):
+            check_against_torch(
+                "rotary ref", lambda x: fastgpt.apply_rotary_emb(x, *tab(x), interleaved=interleaved, seqlen_offsets=2),
+                lambda x: flash_rotary_torch(x, *(t[None, 2:7] for t in tab(x)), interleaved), [leaf(2, 5, 3, 10)], dtype)
+
+
+def test_inplace_writes_x_and_only_k_used_still_gives_gradients():
+    x = torch.randn(1, 4, 2, 8)
+    cos, sin = tables(4, 4, torch.float32)(x)
+    expected = flash_rotary_torch(x, cos[None], sin[None])
+    with fastgpt.use_backend("triton", strict=True):
+        y = fastgpt.apply_rotary_emb(x, cos, sin, inplace=True)
+        assert y is x
+        torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+        q, k = leaf(1, 4, 2, 8), leaf(1, 4, 1, 8, seed=1)
+        _, ok = fastgpt.apply_rotary_emb_qk(q, k, cos, sin)
+        ok.sum().backward()
+    assert q.grad is None or not q.grad.any()
+    k2 = k.detach().clone().requires_grad_()
+    flash_rotary_torch(k2, cos[None], sin[None]).sum().backward()
+    torch.testing.assert_close(k.grad, k2.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda x, c: fastgpt.apply_rotary_emb(x[0], c, c), ValueError, "x must be 4-D"),
+        (lambda x, c: fastgpt.apply_rotary_emb(x, c, c[:, :2]), ValueError, "same shape"),
+        (lambda x, c: fastgpt.apply_rotary_emb(x, c.repeat(1, 3), c.repeat(1, 3)), ValueError, "rotary_dim"),
+        (lambda x, c: fastgpt.apply_rotary_emb(x, c, c, seqlen_offsets=7), ValueError, "exceeds"),
+        (lambda x, c: fastgpt.apply_rotary_emb(x, c, c, seqlen_offsets=-1), ValueError, "seqlen_offsets"),
+        (lambda x, c: fastgpt.apply_rotary_emb(x, c, c, seqlen_offsets=torch.zeros(3, dtype=torch.long)), ValueError, "seqlen_offsets"),
+        (lambda x, c: fastgpt.apply_rotary_emb(x, c.long(), c), TypeError, "cos must have a floating dtype"),
+        (lambda x, c: fastgpt.apply_rotary_emb(x, c.requires_grad_(), c), ValueError, "must not require grad"),
+        (lambda x, c: fastgpt.apply_rotary_emb_qk(x, x.half(), c, c), TypeError, "k has dtype"),
+        (lambda x, c: fastgpt.apply_rotary_emb_qk(x, x[:, :2], c, c), ValueError, "q and k must agree"),
+        (lambda x, c: fastgpt.apply_rotary_pos_emb(x, x, c, c, unsqueeze_dim=3), ValueError, "unsqueeze_dim"),
+        (lambda x, c: fastgpt.apply_rotary_pos_emb(x, x, c, c), ValueError, r"\(B or 1, S, D\)"),
+    ],
+)
+def test_bad_input_names_the_argument(call, exc, match):
+    x, c = torch.randn(2, 4, 3, 8), torch.rand(6, 4)
+    with fastgpt.use_backend("triton", strict=True), pytest.raises(exc, match=match):
+        call(x, c)
