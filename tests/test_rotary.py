@@ -30,22 +30,22 @@ def flash_rotary_torch(x, cos, sin, interleaved=False):
     return torch.cat((x[..., :r] * cos + rot * sin, x[..., r:]), dim=-1)
 
 
-def tables(s_max, r2, dtype, seed=1):
+def tables(s_max, r2, dtype, seed=1, device="cpu"):
     """Rotation tables rounded to ``dtype`` once; as_(x) gives them in x's dtype (float64 for the oracle)."""
     g = torch.Generator().manual_seed(seed)
     theta = torch.rand(s_max, r2, generator=g) * 6.3
-    cos, sin = theta.cos().to(dtype), theta.sin().to(dtype)
+    cos, sin = theta.cos().to(device, dtype), theta.sin().to(device, dtype)
     return lambda x: (cos.to(x.dtype), sin.to(x.dtype))
 
 
-def leaf(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+def leaf(*shape, seed=0, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device).requires_grad_()
 
 
-def positions(offsets, b, s):
+def positions(offsets, b, s, device):
     if isinstance(offsets, int):
-        return torch.arange(offsets, offsets + s)[None].expand(b, s)
-    return offsets[:, None] + torch.arange(s)
+        return torch.arange(offsets, offsets + s, device=device)[None].expand(b, s)
+    return offsets[:, None] + torch.arange(s, device=device)
 
 
 # (B, S, H, D, rotary_dim, offsets): D not a power of two, rotary_dim < D, int and per-batch offsets
@@ -60,11 +60,11 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_triton_apply_rotary_emb_matches_oracle(case, interleaved, dtype):
+def test_triton_apply_rotary_emb_matches_oracle(case, interleaved, dtype, device):
     b, s, h, d, r, offsets = case
-    offsets = torch.tensor([2, 0])[:b] if offsets == "tensor" else offsets
-    tab = tables(16, r // 2, dtype)
-    pos = positions(offsets, b, s)
+    offsets = torch.tensor([2, 0], device=device)[:b] if offsets == "tensor" else offsets
+    tab = tables(16, r // 2, dtype, device=device)
+    pos = positions(offsets, b, s, device)
 
     def fn(x):
         cos, sin = tab(x)
@@ -75,16 +75,16 @@ def test_triton_apply_rotary_emb_matches_oracle(case, interleaved, dtype):
         return flash_rotary_torch(x, cos[pos], sin[pos], interleaved)
 
     with fastgpt.use_backend("triton", strict=True):
-        check_against_torch(f"rotary {case}", fn, torch_fn, [leaf(b, s, h, d)], dtype)
+        check_against_torch(f"rotary {case}", fn, torch_fn, [leaf(b, s, h, d, device=device)], dtype)
         assert backends.last_choice("rotary").backend == "triton"
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
-def test_triton_q_and_k_from_a_fused_qkv_in_one_launch(interleaved, dtype):
+def test_triton_q_and_k_from_a_fused_qkv_in_one_launch(interleaved, dtype, device):
     """q and k as strided views of a fused (B, S, Hq + 2 Hk, D) projection, GQA head counts."""
     b, s, hq, hk, d = 2, 6, 4, 2, 16
-    tab = tables(6, 6, dtype)  # rotary_dim 12 < 16
+    tab = tables(6, 6, dtype, device=device)  # rotary_dim 12 < 16
 
     def split(qkv):
         return qkv[:, :, :hq], qkv[:, :, hq : hq + hk]
@@ -99,19 +99,19 @@ def test_triton_q_and_k_from_a_fused_qkv_in_one_launch(interleaved, dtype):
         return flash_rotary_torch(q, cos[None], sin[None], interleaved), flash_rotary_torch(k, cos[None], sin[None], interleaved)
 
     with fastgpt.use_backend("triton", strict=True):
-        check_against_torch("rotary fused qkv", fn, torch_fn, [leaf(b, s, hq + 2 * hk, d)], dtype)
+        check_against_torch("rotary fused qkv", fn, torch_fn, [leaf(b, s, hq + 2 * hk, d, device=device)], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 @pytest.mark.parametrize("tables_kind", ["llama", "batched_unequal_halves"])
-def test_triton_hf_apply_rotary_pos_emb_matches_oracle(tables_kind, unsqueeze_dim, dtype):
+def test_triton_hf_apply_rotary_pos_emb_matches_oracle(tables_kind, unsqueeze_dim, dtype, device):
     b, s, hq, hk, d = 2, 5, 4, 2, 16
     if tables_kind == "llama":
         cos, sin = rope_tables(s, d, "cpu", torch.float32)
     else:  # arbitrary (B, S, D) tables whose halves differ: Hugging Face's formula holds exactly
         cos, sin = torch.randn(2, b, s, d, generator=torch.Generator().manual_seed(3))
-    cos, sin = cos.to(dtype), sin.to(dtype)
+    cos, sin = cos.to(device, dtype), sin.to(device, dtype)
     shape = (b, hq, s, d) if unsqueeze_dim == 1 else (b, s, hq, d)
     kshape = (b, hk, s, d) if unsqueeze_dim == 1 else (b, s, hk, d)
 
@@ -122,8 +122,8 @@ def test_triton_hf_apply_rotary_pos_emb_matches_oracle(tables_kind, unsqueeze_di
         return eager_apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim)
 
     with fastgpt.use_backend("triton", strict=True):
-        check_against_torch(f"hf rotary {tables_kind}", fn, torch_fn, [leaf(*shape), leaf(*kshape, seed=1)], dtype)
-        q, k = leaf(*shape), leaf(*kshape, seed=1)
+        check_against_torch(f"hf rotary {tables_kind}", fn, torch_fn, [leaf(*shape, device=device), leaf(*kshape, seed=1, device=device)], dtype)
+        q, k = leaf(*shape, device=device), leaf(*kshape, seed=1, device=device)
         oq, ok = fastgpt.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
     assert oq.shape == q.shape and ok.shape == k.shape and oq.is_contiguous() and ok.is_contiguous()
 
@@ -138,15 +138,15 @@ def test_reference_path_matches_oracle(dtype):
                 lambda x: flash_rotary_torch(x, *(t[None, 2:7] for t in tab(x)), interleaved), [leaf(2, 5, 3, 10)], dtype)
 
 
-def test_inplace_writes_x_and_only_k_used_still_gives_gradients():
-    x = torch.randn(1, 4, 2, 8)
-    cos, sin = tables(4, 4, torch.float32)(x)
+def test_inplace_writes_x_and_only_k_used_still_gives_gradients(device):
+    x = torch.randn(1, 4, 2, 8, device=device)
+    cos, sin = tables(4, 4, torch.float32, device=device)(x)
     expected = flash_rotary_torch(x, cos[None], sin[None])
     with fastgpt.use_backend("triton", strict=True):
         y = fastgpt.apply_rotary_emb(x, cos, sin, inplace=True)
         assert y is x
         torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
-        q, k = leaf(1, 4, 2, 8), leaf(1, 4, 1, 8, seed=1)
+        q, k = leaf(1, 4, 2, 8, device=device), leaf(1, 4, 1, 8, seed=1, device=device)
         _, ok = fastgpt.apply_rotary_emb_qk(q, k, cos, sin)
         ok.sum().backward()
     assert q.grad is None or not q.grad.any()
