@@ -42,6 +42,12 @@ def test_public_api_is_complete():
         "add_layer_norm",
         "gelu",
         "bias_gelu",
+        "rms_norm",
+        "add_rms_norm",
+        "swiglu",
+        "apply_rotary_emb",
+        "apply_rotary_emb_qk",
+        "apply_rotary_pos_emb",
         "explain",
         "use_backend",
         "__version__",
@@ -67,7 +73,8 @@ def test_cli_info_json(tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads(path.read_text())
     assert info["fastgpt"] == fastgpt.__version__
-    assert set(info["ops"]) == {"attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu"}
+    assert set(info["ops"]) == set(fastgpt.registry.names())
+    assert {"attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu", "rms_norm", "add_rms_norm", "swiglu", "rotary"} <= set(info["ops"])
     assert info["cuda_available"] == torch.cuda.is_available()
     stdout_only = run("-m", "fastgpt.cli", "info", "--json", "-")
     assert json.loads(stdout_only.stdout)["torch"] == torch.__version__
@@ -83,4 +90,4 @@ def test_console_script_explain_one_liner():
     result = run("-c", "import fastgpt; fastgpt.explain()")
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert len(lines) == 5 and all("reference" in line and "no CUDA device" in line for line in lines)
+    assert len(lines) == len(fastgpt.registry.names()) and all("reference" in line and "no CUDA device" in line for line in lines)
