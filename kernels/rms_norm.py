@@ -207,9 +207,11 @@ def _sm_count(index: int) -> int:
 
 
 def _programs(x: Tensor, tiles: int, sms: Optional[int]) -> int:
+    """The backward's persistent grid: a few programs per SM, but at least 8 rows each, so the float32
+    (G, N) weight-gradient partials stay small next to x (at most an eighth of its rows)."""
     if sms is None:
         sms = 4 if x.device.type != "cuda" else _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return max(1, min(tiles, 4 * sms))
+    return max(1, min(tiles, 4 * sms, ceil_div(x.shape[0], 8)))
 
 
 def forward_plan(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], y: Tensor, s: Optional[Tensor], rstd: Tensor,

@@ -176,3 +176,14 @@ def test_bad_input_names_the_argument(call, exc, match):
     x, c = torch.randn(2, 4, 3, 8), torch.rand(6, 4)
     with fastgpt.use_backend("triton", strict=True), pytest.raises(exc, match=match):
         call(x, c)
+
+
+def test_hf_float32_tables_on_bfloat16_q_promote_like_hugging_face(device):
+    q, k = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16, device=device), torch.randn(1, 1, 3, 8, dtype=torch.bfloat16, device=device)
+    cos, sin = (t.to(device) for t in rope_tables(3, 8, "cpu", torch.float32))
+    with fastgpt.use_backend("triton", strict=True):
+        oq, ok = fastgpt.apply_rotary_pos_emb(q, k, cos, sin)
+    eq, ek = eager_apply_rotary_pos_emb(q, k, cos, sin)
+    assert oq.dtype == eq.dtype == torch.float32 and ok.dtype == torch.float32
+    torch.testing.assert_close(oq, eq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ok, ek, rtol=1e-6, atol=1e-6)

@@ -169,7 +169,9 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
     ``unsqueeze_dim=1``: q, k are (B, H, S, D) (Llama's layout); 2: (B, S, H, D). cos, sin: (B or 1,
     S, D) or (S, D), as the model's rotary embedding makes them; their two halves are used as given
     (exactly Hugging Face's formula, also when they differ). ``position_ids`` is unused, as in
-    Hugging Face (the positions are already in cos/sin). Returns q and k rotated, in their layout.
+    Hugging Face (the positions are already in cos/sin). Returns q and k rotated, in their layout and
+    in the promoted dtype of q and the tables, as Hugging Face's formula gives (its models cast the
+    tables to q's dtype, so that is q's).
     """
     fn = "fastgpt.apply_rotary_pos_emb"
     if unsqueeze_dim not in (1, 2):
@@ -183,6 +185,9 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
         raise ValueError(f"{fn}: cos and sin must be (B or 1, S, D) or (S, D) with S = {s}, an even D = {d} and B = {b}; "
                          f"got {tuple(cos.shape)}")
     c, sn = (cos, sin) if cos.dim() == 3 else (cos[None], sin[None])
+    out_dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
+    if out_dtype != q.dtype:  # Hugging Face's q * cos promotes (float32 tables on bfloat16 q give float32)
+        qv, kv = qv.to(out_dtype), kv.to(out_dtype)
     half = d // 2
     oq, ok = _rotary(qv, kv, c[..., :half], sn[..., :half], c[..., half:], sn[..., half:], False, heads_first)
     return (oq.transpose(1, 2), ok.transpose(1, 2)) if heads_first else (oq, ok)
