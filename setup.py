@@ -33,6 +33,7 @@ def read_readme() -> str:
 PACKAGES = [
     "fastgpt",
     "fastgpt.ops",
+    "fastgpt.app",
     "fastgpt.kernels",
     "fastgpt.tools",
     "fastgpt.tools.bench",
@@ -87,9 +88,13 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data={"fastgpt.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"], "fastgpt.tools.cuda_emu": ["*.cpp", "*.h"]},
+    # The range CI tests: torch 2.11 / triton 3.6 (the GPU image's; .ci/oldest.txt) up to the newest
+    # pair it installs (torch 2.14.1 / triton 3.8). numpy is left open: the GPU image runs numpy 2.5
+    # with triton 3.6, and only triton 3.6's CPU interpreter (TRITON_INTERPRET=1: tests, no GPU)
+    # needs numpy < 2.4, which tests/conftest.py checks (kernels._triton_utils.interpreter_problem).
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "torch>=2.11,<2.15",
+        "triton>=3.6,<3.9; platform_system == 'Linux'",
         "numpy",
         "tqdm",
     ],
@@ -98,7 +103,7 @@ setup(
         "plot": ["matplotlib"],
         "build": ["ninja", "pybind11"],
     },
-    entry_points={"console_scripts": ["fastgpt=fastgpt.cli:main", "fastgpt-train=fastgpt.train:cli_main"]},
+    entry_points={"console_scripts": ["fastgpt=fastgpt.cli:main", "fastgpt-train=fastgpt.app.train:cli_main"]},
     zip_safe=False,
     **cuda_extension(),
 )

@@ -15,14 +15,22 @@ the reference (the Triton interpreter runs only when ``triton`` is forced). Stri
 ``use_backend(..., strict=True)``) turns every fallback into :class:`BackendUnavailableError`;
 otherwise each distinct fallback is reported once with a :class:`FallbackWarning`.
 
-The requested backend is process-global, not per thread: autograd runs the backward of CUDA ops on
-its own worker thread, and the backward must see the same choice as the forward.
+:func:`use_backend` blocks are per thread (and per asyncio task): a ``contextvars.ContextVar`` holds an
+immutable tuple of the active blocks, and each block removes exactly its own entry when it exits, so
+one thread's blocks never change another's, and blocks that exit out of order (generators, manual
+``__exit__``) leave the right state. A new thread starts with no block (FASTGPT_BACKEND / auto).
+Autograd runs the backward of CUDA ops on its own worker thread: the eager ops capture the state of
+the forward (:func:`capture`) and run their backward under it (:func:`run_under`), so the backward
+makes the same choice as the forward. (A torch.compile'd backward runs under the context of the
+thread that called ``.backward()``: torch copies it to its autograd threads.)
 """
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 import shutil
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -46,6 +54,9 @@ __all__ = [
     "explain",
     "backend_unavailable_reason",
     "reset_warnings",
+    "capture",
+    "run_under",
+    "check_env",
 ]
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
@@ -70,8 +81,18 @@ class Choice:
     reason: str
 
 
+class _Block:
+    """One active use_backend block; compared by identity, so each block removes only itself."""
+
+    __slots__ = ("name", "strict")
+
+    def __init__(self, name: str, strict: bool) -> None:
+        self.name, self.strict = name, strict
+
+
 _lock = threading.Lock()
-_stack: List[Tuple[str, bool]] = []
+# the active blocks of this thread / task, innermost last (an immutable tuple: never mutated in place)
+_blocks: contextvars.ContextVar[Tuple[_Block, ...]] = contextvars.ContextVar("fastgpt_backend_blocks", default=())
 _warned: set = set()
 _last_choice: Dict[str, Tuple[str, str]] = {}  # op -> (backend, reason) of its latest call
 
@@ -95,22 +116,34 @@ def _env_backend() -> str:
     return value  # type: ignore[return-value]
 
 
+_STRICT_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
+
+
 def _env_strict() -> bool:
     raw = os.environ.get("FASTGPT_STRICT")
     if raw is None:
         return False
-    return raw.strip().lower() in ("1", "true", "yes", "on")
+    value = _STRICT_VALUES.get(raw.strip().lower())
+    if value is None:
+        raise ValueError(f"FASTGPT_STRICT must be one of 1, 0, true, false, yes, no, on, off (or empty); got {raw!r}")
+    return value
+
+
+def check_env() -> None:
+    """Raise ValueError (one line, naming the variable) if FASTGPT_BACKEND or FASTGPT_STRICT is invalid."""
+    _env_backend()
+    _env_strict()
 
 
 def requested_backend() -> str:
     """The backend requested right now: innermost use_backend block, else FASTGPT_BACKEND, else auto."""
-    stack = _stack
-    return stack[-1][0] if stack else _env_backend()
+    blocks = _blocks.get()
+    return blocks[-1].name if blocks else _env_backend()
 
 
 def strict_mode() -> bool:
     """True when fallbacks raise: FASTGPT_STRICT=1 or an enclosing use_backend(..., strict=True)."""
-    return any(strict for _, strict in _stack) or _env_strict()
+    return any(block.strict for block in _blocks.get()) or _env_strict()
 
 
 @contextlib.contextmanager
@@ -119,17 +152,35 @@ def use_backend(name: str, strict: bool = False) -> Iterator[None]:
 
     With ``strict=True`` a call that the backend cannot serve raises :class:`BackendUnavailableError`
     instead of falling back. Blocks nest; the innermost wins (strictness is kept from any enclosing
-    strict block). The setting is process-global (see the module docstring).
+    strict block). The setting is per thread and per asyncio task (see the module docstring).
     """
     if name not in BACKENDS:
         raise ValueError(f"use_backend: name must be one of {', '.join(BACKENDS)}; got {name!r}")
-    with _lock:
-        _stack.append((name, bool(strict)))
+    if not isinstance(strict, bool):
+        raise TypeError(f"use_backend: strict must be a bool; got {type(strict).__name__}")
+    block = _Block(name, strict)
+    _blocks.set(_blocks.get() + (block,))
     try:
         yield
     finally:
-        with _lock:
-            _stack.pop()
+        # remove this block only: an inner block may still be open (exits out of order)
+        _blocks.set(tuple(b for b in _blocks.get() if b is not block))
+
+
+def capture() -> Tuple[_Block, ...]:
+    """The active use_backend blocks of this thread, for :func:`run_under` (an op's forward saves it)."""
+    return _blocks.get()
+
+
+def run_under(state: Tuple[_Block, ...], fn: Callable, *args):
+    """``fn(*args)`` under the use_backend state that :func:`capture` returned (an op's backward, which
+    autograd may run on another thread), then this thread's own state again. (A plain function: a
+    generator-based context manager would cost microseconds per backward.)"""
+    token = _blocks.set(state)
+    try:
+        return fn(*args)
+    finally:
+        _blocks.reset(token)
 
 
 def reset_warnings() -> None:
@@ -242,7 +293,26 @@ def report_fallback(op: str, requested: str, reason: str, *, cpu_notice: bool = 
         )
     else:
         message = f"fastgpt.{op}: {requested} backend unavailable, using the reference ({reason})"
-    warnings.warn(message, FallbackWarning, stacklevel=3)
+    warnings.warn(message, FallbackWarning, stacklevel=_caller_stacklevel())
+
+
+_internal_dirs: Optional[Tuple[str, ...]] = None
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel for a warning issued in report_fallback that names the user's line: the first
+    frame outside fastgpt (and its kernels) and torch, whose autograd and custom-op machinery sits
+    between fastgpt's own frames. (warnings' skip_file_prefixes needs Python 3.12.)"""
+    global _internal_dirs
+    if _internal_dirs is None:
+        dirs = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__))]
+        spec = importlib.util.find_spec("fastgpt.kernels")
+        dirs += list(spec.submodule_search_locations or []) if spec is not None else []
+        _internal_dirs = tuple(os.path.join(d, "") for d in dirs)
+    frame, level = sys._getframe(2), 2  # level 2: report_fallback's caller
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_internal_dirs):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def select(op: str, device: torch.device, constraint: Optional[Constraint] = None) -> str:
@@ -253,7 +323,8 @@ def select(op: str, device: torch.device, constraint: Optional[Constraint] = Non
     :class:`BackendUnavailableError` in strict mode instead of falling back. This runs on every
     call of every op, so the common cases (reference requested, cpu tensors under auto) come first.
     """
-    requested = _stack[-1][0] if _stack else _env_backend()
+    blocks = _blocks.get()
+    requested = blocks[-1].name if blocks else _env_backend()
     if requested == "reference":
         _last_choice[op] = ("reference", "requested")
         return "reference"

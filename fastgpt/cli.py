@@ -13,8 +13,8 @@ SUBCOMMANDS = {
     "info": ("fastgpt.info", "versions, devices, the CUDA toolchain and the backend of each op"),
     "bench": ("fastgpt.tools.bench.cli", "parity check and benchmarks of every op available here"),
     "inspect": ("fastgpt.tools.inspect.report", "compile the kernels for sm_80/sm_90 and read their machine code"),
-    "train": ("fastgpt.train", "train a small GPT on a text corpus (default: Python's own sources)"),
-    "generate": ("fastgpt.generate", "sample text from a checkpoint written by `fastgpt train`"),
+    "train": ("fastgpt.app.train", "train a small GPT on a text corpus (default: Python's own sources)"),
+    "generate": ("fastgpt.app.generate", "sample text from a checkpoint written by `fastgpt train`"),
 }
 
 

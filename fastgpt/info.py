@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from fastgpt import backends
+
+    try:
+        backends.check_env()
+    except ValueError as exc:
+        print(f"fastgpt info: {exc}", file=sys.stderr)
+        return 2
     info = collect()
     if args.json == "-":
         json.dump(info, sys.stdout, indent=2)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -120,8 +121,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.use_fused_ops = True
 
-    def forward(self, x: Tensor, kv_cache: Optional[KVCache] = None) -> Tensor:
-        x, m = self.forward_residual(x, None, kv_cache)
+    def forward(
+        self, x: Tensor, kv_cache: Optional[KVCache] = None, *, pending: Optional[Tensor] = None, defer_residual: bool = False
+    ) -> Tensor:
+        """``x + attn(...) + mlp(...)``; with ``defer_residual=True`` returns :meth:`forward_residual`'s pair.
+
+        GPT calls its blocks through here (``block(...)``), so module hooks, FSDP's unsharding and
+        activation-checkpoint wrappers apply to each block as they do for nanoGPT's.
+        """
+        if defer_residual:
+            return self.forward_residual(x, pending, kv_cache)
+        x, m = self.forward_residual(x, pending, kv_cache)
         return x + m
 
     def forward_residual(self, x: Tensor, pending: Optional[Tensor], kv_cache: Optional[KVCache] = None) -> Tuple[Tensor, Tensor]:
@@ -217,7 +227,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         pending = None
         for i, block in enumerate(self.transformer.h):
-            x, pending = block.forward_residual(x, pending, caches[i] if caches else None)
+            x, pending = block(x, caches[i] if caches else None, pending=pending, defer_residual=True)
         if pending is None:
             return self.transformer.ln_f(x)
         return _add_then_norm(pending, x, self.transformer.ln_f, self.use_fused_ops)[0]
@@ -335,7 +345,7 @@ class GPT(nn.Module):
             raise ValueError(f"from_pretrained: model_type must be a GPT-2 name or a local folder; got {model_type!r}")
         from transformers import GPT2LMHeadModel
 
-        hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=True)
+        hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=True, weights_only=True)
         return cls.from_hf(hf, dropout=override_args.get("dropout", 0.0))
 
 
@@ -357,7 +367,10 @@ def _load_hf_gpt2(model_or_path):
             )
         from transformers import GPT2LMHeadModel
 
-        return GPT2LMHeadModel.from_pretrained(path, local_files_only=True)
+        try:  # weights_only: a pickled .bin file is read by torch's safe unpickler, never executed
+            return GPT2LMHeadModel.from_pretrained(path, local_files_only=True, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"GPT.from_hf: {path!r} holds weights with objects other than tensors; refused (nothing in them was run)") from None
     config = getattr(model_or_path, "config", None)
     if not isinstance(model_or_path, nn.Module) or getattr(config, "model_type", None) != "gpt2":
         raise TypeError(

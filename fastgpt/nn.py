@@ -20,6 +20,8 @@ import fastgpt
 
 __all__ = ["LayerNorm", "RMSNorm", "GELU", "CausalSelfAttention", "KVCache"]
 
+DECODE_MAX_SQ = 16  # steps of at most this many new positions use the decode op (its kernel's limit)
+
 
 class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by :func:`fastgpt.layer_norm`.
@@ -99,6 +101,19 @@ class KVCache:
         self.length += t
         return self.k[:, : self.length], self.v[:, : self.length]
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Append k, v (B, T, H, D) and attend q (B, T, H, D) to everything cached, causally, in one
+        call of :func:`fastgpt.flash_attn_with_kvcache` (the split-KV decode kernel on a GPU). Needs a
+        cache that already holds positions (the prefill goes through :meth:`append`)."""
+        t = k.shape[1]
+        if self.k is None or self.length + t > self.capacity:
+            raise ValueError(f"KVCache: cannot attend {t} new positions to {self.length} (capacity {self.capacity})")
+        seqlens = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
+        y = fastgpt.flash_attn_with_kvcache(q, self.k, self.v, k.to(self.k.dtype), v.to(self.v.dtype),
+                                            cache_seqlens=seqlens, causal=True)
+        self.length += t
+        return y
+
 
 class CausalSelfAttention(torch.nn.Module):
     """nanoGPT's causal self-attention, computed by fastgpt's attention op.
@@ -141,8 +156,11 @@ class CausalSelfAttention(torch.nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         shape = (b, t, self.n_head, c // self.n_head)
         q, k, v = q.view(shape), k.view(shape), v.view(shape)
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)
-        dropout_p = self.dropout if self.training else 0.0
-        y = fastgpt.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+        if kv_cache is not None and kv_cache.length > 0 and t <= DECODE_MAX_SQ and not torch.is_grad_enabled():
+            y = kv_cache.attend(q, k, v)  # a decode step: the split-KV kernel over the preallocated cache
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.append(k, v)
+            dropout_p = self.dropout if self.training else 0.0
+            y = fastgpt.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
         return self.resid_dropout(self.c_proj(y.reshape(b, t, c)))

@@ -28,6 +28,8 @@ __all__ = [
     "causal_mask",
     "attention_forward",
     "attention_backward",
+    "cross_entropy_rows",
+    "linear_cross_entropy_chunked",
     "layer_norm_forward",
     "layer_norm_backward",
     "add_layer_norm_forward",
@@ -103,40 +105,71 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _cpu_flash_causal(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> Optional[bool]:
+# A bound on |score| below which torch's fused attention is used: its backward recomputes the scores
+# in another order, off by up to ~D * eps * |s| (float32: < 20 here, far from exp's overflow at 88).
+_FUSED_SCORE_BOUND = 1e6
+
+
+def fused_attention_ok(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> bool:
+    """True when torch's fused attention computes this call as the explicit reference does: no NaN in
+    q or k (the fused CPU kernel hides them; a NaN query row must give NaN), no NaN in v under a
+    causal mask (it would reach rows that cannot see it: 0 * nan), and |scores| <= scale * D *
+    max|q| * max|k| within :data:`_FUSED_SCORE_BOUND`. A few reductions; run before the fused path."""
+    cd = compute_dtype(q.dtype)
+    bound = q.abs().amax().to(cd) * k.abs().amax().to(cd)  # amax propagates NaN (vector_norm(inf) is 100x slower)
+    if is_causal:
+        bound = bound + v.sum(dtype=cd) * 0.0  # a NaN (or inf) anywhere in v makes it NaN
+    return bool(bound * (abs(scale) * q.shape[-1]) <= _FUSED_SCORE_BOUND)  # False for NaN
+
+
+def _cpu_flash_causal(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Optional[bool]:
     """The is_causal flag for torch's fused CPU attention, or None when it cannot compute this call."""
     sq, sk = q.shape[2], k.shape[2]
     if _CPU_FLASH is None or q.device.type != "cpu" or q.numel() == 0 or k.numel() == 0:
         return None
     if q.shape[-1] != v.shape[-1] or (is_causal and sq != sk and sq != 1):
         return None
-    return is_causal and sq == sk
+    flash_causal = is_causal and sq == sk
+    return flash_causal if fused_attention_ok(q, k, v, flash_causal, scale) else None
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
     """Softmax attention. q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides.
 
     Returns ``out`` (B, Hq, Sq, Dv) in q's dtype and ``lse`` (B, Hq, Sq) in :func:`stats_dtype`.
+    Non-finite input: a NaN in query row i makes out row i and lse i NaN; a NaN in value row j reaches
+    only the rows that see key j (masked entries contribute nothing, not 0 * nan); rows that see no
+    key give 0 and lse -inf whatever the input.
     """
-    flash_causal = _cpu_flash_causal(q, k, v, is_causal)
+    flash_causal = _cpu_flash_causal(q, k, v, is_causal, scale)
     if flash_causal is not None:
         hq = q.shape[1]
         out, lse = _CPU_FLASH(q, _expand_kv(k, hq), _expand_kv(v, hq), 0.0, flash_causal, scale=scale)
         return out, lse.to(stats_dtype(q.dtype))
     cd = compute_dtype(q.dtype)
+    zero = torch.zeros((), dtype=cd, device=q.device)
     s, mask = _scores(q, k, is_causal, scale)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
         row_has_key = mask.any(dim=-1)  # (Sq,)
         # rows that see no key would give -inf - -inf = nan below; make them finite, zero them after
-        s = torch.where(row_has_key[:, None], s, torch.zeros((), dtype=cd, device=s.device))
+        s = torch.where(row_has_key[:, None], s, zero)
     lse = torch.logsumexp(s, dim=-1)
     # softmax, not exp(s - lse): lse carries an absolute error ~ ulp(|s|), which would leave P's rows
     # summing to 1 +- that, and the backward's delta = rowsum(dout * out) inconsistent with its P
     p = torch.softmax(s, dim=-1)
-    out = torch.matmul(p, _expand_kv(v.to(cd), q.shape[1]))
-    if mask is not None:
-        out = out * row_has_key[:, None].to(cd)
+    v_e = _expand_kv(v.to(cd), q.shape[1])
+    if mask is None:
+        out = torch.matmul(p, v_e)
+    else:
+        p = torch.where(mask, p, zero)  # also the rows that see no key
+        v_nan = torch.isnan(v_e)
+        if bool(v_nan.any()):
+            # p = 0 does not stop 0 * nan in a matmul: a NaN value reaches only the rows that see its key
+            seen = torch.matmul(mask.to(cd), v_nan.to(cd)) > 0
+            out = torch.where(seen, float("nan"), torch.matmul(p, torch.where(v_nan, zero, v_e)))
+        else:
+            out = torch.matmul(p, v_e)
         lse = lse.masked_fill(~row_has_key, float("-inf"))
     return out.to(q.dtype), lse.to(stats_dtype(q.dtype))
 
@@ -158,22 +191,25 @@ def attention_backward(
     ``dS = P * (dout @ V^T - delta)``, ``dQ = scale * dS @ K``, ``dK = scale * dS^T @ Q``,
     ``dV = P^T @ dout``; kv gradients are summed over the query heads of each GQA group.
     ``dlse`` (B, Hq, Sq), the gradient flowing into the returned log-sum-exp, may be None.
+    Masked entries of P and dS are exactly 0 (a NaN value row reaches only the rows that see it);
+    rows with lse -inf (no key) get zero gradients, rows with a NaN lse (a NaN query) NaN ones.
     Returns dq, dk, dv in the dtypes of q, k, v.
     """
     hq, hk = q.shape[1], k.shape[1]
-    flash_causal = _cpu_flash_causal(q, k, v, is_causal)
+    flash_causal = _cpu_flash_causal(q, k, v, is_causal, scale)
     if flash_causal is not None and dlse is None and _CPU_FLASH_BWD is not None:
         dq, dk, dv = _CPU_FLASH_BWD(
             dout.contiguous(), q, _expand_kv(k, hq), _expand_kv(v, hq), out, lse, 0.0, flash_causal, scale=scale
         )
         return dq, _sum_groups(dk, hk).to(k.dtype), _sum_groups(dv, hk).to(v.dtype)
     cd = compute_dtype(q.dtype)
+    zero = torch.zeros((), dtype=cd, device=q.device)
     s, mask = _scores(q, k, is_causal, scale)
     lse_c = lse.to(cd)
-    finite = torch.isfinite(lse_c)
-    p = torch.exp(s - torch.where(finite, lse_c, torch.zeros((), dtype=cd, device=s.device))[..., None])
-    keep = finite[..., None] if mask is None else (mask & finite[..., None])
-    p = torch.where(keep, p, torch.zeros((), dtype=cd, device=p.device))
+    has_key = lse_c != float("-inf")
+    p = torch.exp(s - torch.where(has_key, lse_c, zero)[..., None])
+    keep = has_key[..., None] if mask is None else (mask & has_key[..., None])
+    p = torch.where(keep, p, zero)
 
     do_c = dout.to(cd)
     v_e = _expand_kv(v.to(cd), hq)
@@ -181,11 +217,111 @@ def attention_backward(
     if dlse is not None:
         delta = delta - dlse.to(cd)
     dp = torch.matmul(do_c, v_e.transpose(-2, -1))
-    ds = p * (dp - delta[..., None])
+    ds = torch.where(keep, p * (dp - delta[..., None]), zero)
     dq = torch.matmul(ds, _expand_kv(k.to(cd), hq)) * scale
-    dk = _sum_groups(torch.matmul(ds.transpose(-2, -1), q.to(cd)) * scale, hk)
+    q_c = q.to(cd)
+    # a NaN query reaches the keys it sees through its dS; a masked dS = 0 must not meet it (0 * nan)
+    dk = _sum_groups(torch.matmul(ds.transpose(-2, -1), torch.where(torch.isnan(q_c), zero, q_c)) * scale, hk)
     dv = _sum_groups(torch.matmul(p.transpose(-2, -1), do_c), hk)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy (logits are 2-D here: rows x vocab; the public ops flatten)
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy_rows(
+    z: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, grad_scale: Optional[Tensor] = None
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Each row's loss of logits ``z`` (rows, V) and, when ``grad_scale`` is given, its gradient.
+
+    ``loss_i = lse_i - (1 - eps) z[i, t_i] - eps / V sum_j z[i, j]`` (torch's label smoothing), 0 where
+    ``t_i == ignore_index``. The gradient is ``grad_scale_i * (softmax(z_i) - (1 - eps) onehot(t_i) -
+    eps / V)``, 0 on ignored rows; ``grad_scale`` is 0-d or (rows,). Both in the compute dtype
+    (float32 for 16-bit z); z itself is never modified.
+    """
+    zc = z.to(compute_dtype(z.dtype))
+    v = zc.shape[-1]
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).long().unsqueeze(1)
+    lse = torch.logsumexp(zc, dim=-1)
+    loss = lse - (1.0 - label_smoothing) * zc.gather(1, t).squeeze(1)
+    if label_smoothing:
+        loss = loss - (label_smoothing / v) * zc.sum(-1)
+    loss = torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    if grad_scale is None:
+        return loss, None
+    # in place on the float32 copy of 16-bit logits; a new tensor when z already has the compute dtype
+    g = (zc - lse.unsqueeze(1)) if zc is z else zc.sub_(lse.unsqueeze(1))
+    g.exp_()
+    if label_smoothing:
+        g.sub_(label_smoothing / v)
+    g.scatter_add_(1, t, torch.full_like(t, -(1.0 - label_smoothing), dtype=g.dtype))
+    g.mul_((grad_scale.to(g.dtype) * valid).unsqueeze(1))  # 0-d or (rows,) scale, zero on ignored rows
+    return loss, g
+
+
+def linear_cross_entropy_chunked(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    grad_scale: Optional[Tensor],
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    chunk: int,
+    rows_fn=cross_entropy_rows,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Each row's loss of ``x @ weight.T + bias`` and the gradients of x, weight and bias, ``chunk`` rows at a time.
+
+    x (N, D), weight (V, D), bias (V,) or None, target (N,). The logits of one chunk (chunk, V) are the
+    largest tensor alive; the (N, V) logits never exist. ``grad_scale`` (0-d or (N,)) scales each
+    row's gradient (see :func:`cross_entropy_rows`); the gradients are computed only when a ``need_*``
+    flag is set. ``rows_fn(z, target, ignore_index, label_smoothing, grad_scale) -> (loss, dz)`` is
+    the per-chunk cross-entropy (the Triton backend passes its kernel, which writes dz over z).
+    The logits and their gradient meet x and weight in matmuls of x's dtype (as eager code's do);
+    dweight and dbias are summed over chunks in the compute dtype. Returns (loss (N,), dx (x's dtype),
+    dweight, dbias (both in the compute dtype: the caller rounds them once, after any scaling)),
+    None for a gradient not asked for.
+    """
+    n, v = x.shape[0], weight.shape[0]
+    cd = compute_dtype(x.dtype)
+    need_grad = need_dx or need_dweight or need_dbias
+    loss = torch.empty(n, dtype=cd, device=x.device)
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.zeros(weight.shape, dtype=cd, device=x.device) if need_dweight else None
+    db = torch.zeros(v, dtype=cd, device=x.device) if need_dbias else None
+    wt = weight.t()
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        xc = x[c0:c1]
+        z = torch.addmm(bias, xc, wt) if bias is not None else torch.mm(xc, wt)
+        scale = None
+        if need_grad:
+            scale = grad_scale if grad_scale.dim() == 0 else grad_scale[c0:c1]
+        loss_c, g = rows_fn(z, target[c0:c1], ignore_index, label_smoothing, scale)
+        loss[c0:c1] = loss_c
+        del z
+        if not need_grad:
+            continue
+        if db is not None:
+            db += g.sum(0, dtype=cd)
+        gx = g.to(x.dtype)
+        if dx is not None:
+            torch.mm(gx, weight, out=dx[c0:c1])
+        if dw is not None:
+            if dw.dtype == x.dtype:
+                dw.addmm_(gx.t(), xc)
+            elif x.device.type != "cuda":
+                dw.addmm_(g.t().to(cd), xc.to(cd))  # a float32 GEMM costs a CPU no more; no (V, D) temporary
+            else:
+                dw += torch.mm(gx.t(), xc)  # 16-bit GEMM, its (V, D) result summed in float32
+        del g, gx
+    return loss, dx, dw, db
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,6 +76,11 @@ class OpSpec:
     * ``causal``: the op takes a causal flag (its dispatch cases are causal).
     * ``report_shapes``: extra (rows, cols) that ``fastgpt inspect`` reads (multi-pass kernels).
     * ``cases``: how the tools make inputs, peers, work and targets (:class:`OpCases`).
+    * ``report_cases`` / ``report_plans``: Triton ops other than attention: the cases ``fastgpt
+      inspect`` compiles (dicts like its attention cases, with ``op``) and ``report_plans(case)``,
+      their launches as ``[(pass, LaunchPlan)]`` on meta tensors (imports the kernel module lazily).
+    * ``differentiable``: the op has a gradient (False: inference-only; its tools run "fwd" only,
+      its ``_bwd`` custom op raises, and its work model has no "bwd").
     """
 
     name: str
@@ -90,6 +95,9 @@ class OpSpec:
     causal: bool = False
     report_shapes: Tuple[Tuple[int, int], ...] = ()
     cases: Optional[OpCases] = None
+    differentiable: bool = True
+    report_cases: Tuple[Dict[str, Any], ...] = ()
+    report_plans: Optional[Callable[[Dict[str, Any]], List[Tuple[str, Any]]]] = None
 
 
 _SPECS: Dict[str, OpSpec] = {}

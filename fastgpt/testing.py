@@ -281,3 +281,44 @@ def check_attention_tight(name: str, fn, q: Tensor, k: Tensor, v: Tensor, causal
             raise AssertionError(str(result))
         results.append(result)
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# memory: what an op allocates, recorded at the dispatcher (works on CPU and meta tensors)
+# --------------------------------------------------------------------------------------------
+
+
+def allocation_recorder():
+    """A TorchDispatchMode that records every tensor allocated inside it: ``largest`` (bytes),
+    ``largest_shape``, and ``peak`` (the most bytes alive at once, counting each new tensor from its
+    creation until it is freed). Views and in-place/out= results allocate nothing and are not counted;
+    tensors that existed before the mode (inputs, parameters) are not counted either. Use as
+    ``with allocation_recorder() as rec: ...``."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class AllocationRecorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest, self.largest_shape, self.live, self.peak = 0, (), 0, 0
+
+        def _free(self, nbytes: int) -> None:
+            self.live -= nbytes
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(r.alias_info is not None for r in func._schema.returns):
+                return out  # a view, or an in-place / out= result: no new memory
+            for t in tree_leaves(out):
+                if isinstance(t, Tensor):
+                    nbytes = t.numel() * t.element_size()
+                    if nbytes > self.largest:
+                        self.largest, self.largest_shape = nbytes, tuple(t.shape)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, nbytes)
+            return out
+
+    return AllocationRecorder()

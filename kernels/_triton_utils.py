@@ -16,18 +16,24 @@ grows by one each step, would re-benchmark every step. Our key rounds lengths to
 from __future__ import annotations
 
 import os
+import re
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+
+import torch
 
 __all__ = [
     "Config",
     "LaunchPlan",
     "interpreter_active",
+    "interpreter_problem",
     "next_pow2",
     "length_bucket",
     "launch",
     "pick_config",
+    "tuning_log",
     "ceil_div",
     "on_device",
 ]
@@ -83,6 +89,28 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+def _version(dist: str) -> Optional[Tuple[int, ...]]:
+    from importlib import metadata
+
+    try:
+        return tuple(int(p) for p in re.findall(r"\d+", metadata.version(dist))[:2])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run here, or None. Reads versions without importing triton.
+
+    triton 3.6's interpreter fails on numpy 2.4 ("TypeError: only 0-dimensional arrays can be
+    converted to Python scalars"; measured with 2.4.1; 2.3.5 and 2.2.6 run the kernels); triton 3.8's
+    works with numpy 2.4. Only the interpreter needs this: GPU runs of triton 3.6 take any numpy."""
+    triton, numpy = _version("triton"), _version("numpy")
+    if triton is not None and numpy is not None and triton < (3, 7) and numpy >= (2, 4):
+        return (f"triton {'.'.join(map(str, triton))}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.4; "
+                f"numpy {'.'.join(map(str, numpy))} is installed: pip install 'numpy<2.4'")
+    return None
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -121,12 +149,35 @@ def _out_of_resources_errors() -> Tuple[type, ...]:
     return tuple(errors)
 
 
+TUNE_BUDGET_S = 20.0  # default time to tune one kernel for one shape class, compiles included
+
+
+def _tune_budget_s() -> float:
+    raw = os.environ.get("FASTGPT_TUNE_BUDGET_S", "").strip()
+    try:
+        value = float(raw) if raw else TUNE_BUDGET_S
+    except ValueError:
+        raise ValueError(f"FASTGPT_TUNE_BUDGET_S must be a number of seconds; got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"FASTGPT_TUNE_BUDGET_S must be positive; got {raw!r}")
+    return value
+
+
+def _spills(compiled) -> int:
+    """Registers spilled by a launched kernel (triton's CompiledKernel reads it when it loads the binary)."""
+    return int(getattr(compiled, "n_spills", 0) or 0)
+
+
 def pick_config(plan: LaunchPlan) -> Config:
     """The plan's config: the only candidate, or the fastest one for ``plan.tune_key`` (measured once).
 
-    Candidates that do not fit the device (shared memory, registers) are skipped. The kernels write
-    their outputs without accumulating into them, so running a candidate several times is harmless.
-    ``FASTGPT_AUTOTUNE=0`` takes the first candidate without measuring.
+    Candidates are tried in order (the first is the default) within ``FASTGPT_TUNE_BUDGET_S`` seconds
+    per kernel and shape class (default 20; the first candidate is always measured). Each is compiled
+    and launched once first: those that do not fit the device (shared memory, registers) are skipped,
+    and those whose compiled kernel spills registers are measured only if no candidate is spill-free.
+    The kernels write their outputs without accumulating into them, so running a candidate several
+    times is harmless. ``FASTGPT_AUTOTUNE=0`` takes the first candidate without measuring;
+    ``FASTGPT_TUNE_LOG`` (1: stderr, else a file path) logs each choice (:func:`tuning_log`).
     """
     if len(plan.configs) == 1 or os.environ.get("FASTGPT_AUTOTUNE", "1").strip() == "0":
         return plan.configs[0]
@@ -137,19 +188,71 @@ def pick_config(plan: LaunchPlan) -> Config:
         return best
     import triton.testing
 
+    budget, start = _tune_budget_s(), time.monotonic()
     skip = _out_of_resources_errors()
-    timings = {}
+    timings: Dict[Config, float] = {}
+    skipped: Dict[str, str] = {}
+    spilling = []
     for config in plan.configs:
-        try:
-            timings[config] = triton.testing.do_bench(lambda: _run(plan, config), warmup=5, rep=20)
-        except skip:
+        if timings and time.monotonic() - start > budget:
+            skipped[str(config)] = "tuning budget spent"
             continue
+        try:
+            compiled = plan.kernel[plan.grid(config)](**plan.kwargs(config))  # compiles; a first run
+        except skip as e:
+            skipped[str(config)] = f"does not fit this device ({type(e).__name__})"
+            continue
+        if _spills(compiled):
+            skipped[str(config)] = f"spills {_spills(compiled)} registers"
+            spilling.append(config)
+            continue
+        timings[config] = triton.testing.do_bench(lambda: _run(plan, config), warmup=5, rep=20)
+    if not timings:  # nothing spill-free: the fastest of the spilling ones
+        for config in spilling:
+            timings[config] = triton.testing.do_bench(lambda: _run(plan, config), warmup=5, rep=20)
+            skipped.pop(str(config))
     if not timings:
         raise RuntimeError(f"{plan.name}: no config fits this device ({', '.join(str(c) for c in plan.configs)})")
     best = min(timings, key=timings.get)
     with _tune_lock:
         _tuned[key] = best
+    _log_choice(plan, best, timings, skipped, time.monotonic() - start)
     return best
+
+
+_tuning_log = []
+
+
+def tuning_log():
+    """The choices :func:`pick_config` made in this process, one dict per kernel and shape class:
+    kernel, key, arch, chosen and default config, timings_ms per measured candidate, skipped ones
+    with the reason, tuning_s."""
+    with _tune_lock:
+        return list(_tuning_log)
+
+
+def _log_choice(plan: LaunchPlan, best: Config, timings, skipped, seconds: float) -> None:
+    import json
+    import sys
+
+    arch = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm_{major}{minor}"
+    record = {"kernel": plan.name, "key": repr(plan.tune_key), "arch": arch, "chosen": str(best),
+              "default": str(plan.configs[0]), "timings_ms": {str(c): round(t, 5) for c, t in timings.items()},
+              "skipped": skipped, "tuning_s": round(seconds, 2)}
+    with _tune_lock:
+        _tuning_log.append(record)
+    target = os.environ.get("FASTGPT_TUNE_LOG", "").strip()
+    if target in ("", "0"):
+        return
+    if target == "1":
+        print(f"fastgpt tune: {plan.name} {record['key']} on {arch}: {best} "
+              f"({len(timings)} measured, {len(skipped)} skipped, {seconds:.1f} s)", file=sys.stderr)
+        return
+    with open(target, "a", encoding="utf-8") as f:  # one line per choice: concurrent processes may append
+        f.write(json.dumps(record) + "\n")
 
 
 def launch(plan: LaunchPlan) -> Config:

@@ -62,6 +62,9 @@ __all__ = [
     "DECODE_MAX_SQ",
     "head_dim_bucket",
     "configs_for",
+    "default_configs",
+    "CONFIGS_SM90",
+    "ARCH_CONFIGS",
     "forward_plan",
     "backward_plans",
     "example_plans",
@@ -109,6 +112,29 @@ CONFIGS: Dict[str, Dict[int, Tuple[Config, ...]]] = {
         256: (C(64, 32, 8, 2), C(32, 32, 4, 2), C(16, 32, 4, 1)),
     },
 }
+# sm_90 (H100 / H200, 228 KiB of shared memory per SM): larger tiles for the GPT head dims, first the
+# ones `compile_plan` found spill-free there with triton 3.6 and 3.8 (d=128: forward 128x128 w8 s3 at
+# 250-255 registers and 225 KiB shared; dQ 64x128 w8 at 250-254), which spill 40-64 bytes on sm_80,
+# then the sm_80 list. The dK/dV tile 32x128 w8 (249 registers at d=128) spills 16 bytes with GQA
+# (its group loop), so 16x128 is the default and 32x128 a candidate that the tuner measures where it
+# does not spill. Not yet timed on a GPU: the tuner's log (FASTGPT_TUNE_LOG, scripts/gpu_check.py's
+# JSON) is the evidence to reorder them by.
+CONFIGS_SM90: Dict[str, Dict[int, Tuple[Config, ...]]] = {
+    "fwd": {
+        64: (C(128, 128, 8, 3), C(128, 64, 4, 3), C(128, 64, 8, 3), C(64, 64, 4, 2)),
+        128: (C(128, 128, 8, 3), C(128, 64, 8, 3), C(128, 128, 8, 2), C(128, 64, 8, 2), C(64, 64, 4, 3)),
+    },
+    "bwd_dkdv": {
+        64: (C(32, 128, 8, 2), C(64, 128, 8, 2), C(64, 128, 8, 3), C(16, 128, 8, 2), C(32, 64, 4, 2)),
+        128: (C(16, 128, 8, 2), C(32, 128, 8, 2), C(16, 64, 8, 2), C(32, 64, 8, 2), C(32, 32, 4, 2)),
+    },
+    "bwd_dq": {
+        64: (C(64, 128, 8, 2), C(128, 64, 8, 3), C(128, 32, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(64, 32, 4, 2)),
+        128: (C(64, 128, 8, 2), C(128, 64, 8, 2), C(128, 32, 8, 2), C(64, 64, 4, 2), C(64, 32, 4, 2)),
+    },
+}
+# the 16-bit candidate lists per compute capability (major * 10 + minor); others take CONFIGS
+ARCH_CONFIGS: Dict[int, Dict[str, Dict[int, Tuple[Config, ...]]]] = {90: CONFIGS_SM90}
 # float32 inputs take exact fp32 dots, which run on CUDA cores (FMA) and hold their operands in
 # registers: small tiles. This path is for exactness, not speed (use 16-bit inputs for speed).
 # Some dK/dV candidates spill on sm_90 (255 registers; up to 536 B of stack at bucket 64, 112 B at
@@ -164,17 +190,32 @@ def head_dim_bucket(d: int, dv: int) -> int:
 
 
 def configs_for(kernel: str, bucket: int, dtype: torch.dtype = torch.float16,
-                interpreter: Optional[bool] = None) -> Tuple[Config, ...]:
+                interpreter: Optional[bool] = None, arch: Optional[int] = None) -> Tuple[Config, ...]:
     """Candidate configs of ``kernel`` ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq") for a head-dim
-    bucket and the input dtype; the single interpreter config when ``interpreter`` (default:
-    TRITON_INTERPRET is on). "fwd_decode" is the forward kernel with the short-query tiles."""
+    bucket, the input dtype and the GPU's compute capability ``arch`` (e.g. 90; None: the generic
+    list); the single interpreter config when ``interpreter`` (default: TRITON_INTERPRET is on).
+    "fwd_decode" is the forward kernel with the short-query tiles."""
     if interpreter if interpreter is not None else interpreter_active():
         return (INTERPRETER_CONFIGS[kernel],)
     if dtype == torch.float32:
         return CONFIGS_FP32["fwd" if kernel == "fwd_decode" else kernel][bucket]  # its tiles are small already
     if kernel == "fwd_decode":
         return DECODE_CONFIGS[bucket]
-    return CONFIGS[kernel][bucket]
+    return ARCH_CONFIGS.get(arch, {}).get(kernel, {}).get(bucket) or CONFIGS[kernel][bucket]
+
+
+def default_configs(arch: Optional[int] = None, dtype: torch.dtype = torch.bfloat16) -> Dict[str, Dict[int, str]]:
+    """{kernel: {bucket: default config}} on ``arch`` (what runs untuned): for `fastgpt inspect`."""
+    return {kernel: {bucket: str(configs_for(kernel, bucket, dtype, False, arch)[0]) for bucket in sorted(CONFIGS["fwd"])}
+            for kernel in ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq")}
+
+
+def _arch(t: Tensor) -> Optional[int]:
+    """Compute capability x 10 of a CUDA tensor's device (None elsewhere: meta and CPU tensors)."""
+    if t.device.type != "cuda" or interpreter_active():
+        return None
+    major, minor = _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return major * 10 + minor
 
 
 def _preprocess_block_m(block_dv: int) -> int:
@@ -394,10 +435,23 @@ def _attn_bwd_preprocess_kernel(
         dlse = tl.load(_head_ptr(DLse, b, sdlb, h, sdlh, 1) + offs_m * sdls, mask=row_ok, other=0.0)
         delta = delta - dlse.to(tl.float32)
     lse = tl.load(_head_ptr(Lse, b, slb, h, slh, 1) + offs_m * sls, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = lse * 1.4426950408889634
+    # beyond 2**23 float32 steps are >= 1 in the exponent, and the lse's round trip through the
+    # natural log (and a score recomputed in another order) can put lse2 steps above the dominant
+    # score: its P = exp2(s - lse2) would vanish. Step 4 ulps down there; P is clamped at 1.
+    lse2 = tl.where(tl.abs(lse2) >= 8388608.0, lse2 - tl.abs(lse2) * 4.8e-7, lse2)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     row = bh.to(tl.int64) * Sq + offs_m
     tl.store(Delta + row, delta, mask=row_ok)
     tl.store(Lse2 + row, lse2, mask=row_ok)
+
+
+@triton.jit
+def _at_most_zero(x):
+    """min(x, 0), keeping NaN. P = exp2(s - lse) <= 1, but a score recomputed in another order, or the
+    lse's round trip through the natural log (lse2 = lse * log2(e)), can put s above lse by rounding:
+    at huge scales (scale=1e10 in float32) by hundreds, and exp2 overflows to inf."""
+    return tl.where(x > 0.0, 0.0, x)
 
 
 @triton.jit
@@ -416,7 +470,7 @@ def _dkdv_inner(
         # rows past Sq read lse2 = +inf, so their P is exactly 0
         lse2 = tl.load(lse2_base + offs_m, mask=offs_m < Sq, other=float("inf"))
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION)
-        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+        p_t = tl.math.exp2(_at_most_zero(s_t * qk_scale - lse2[None, :]))
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
         do = _load_tile(do_base, offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV, ALIGN)
@@ -505,7 +559,7 @@ def _dq_inner(
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        p = tl.math.exp2(_at_most_zero(s * qk_scale - lse2[:, None]))
         if MASKED:
             # padded keys must give P = 0 exactly: exp2(0 - lse2) can overflow for very negative lse
             keep = offs_n[None, :] < Sk
@@ -627,8 +681,11 @@ def _grid(rows: int, programs: int, tiles_of: str):
     return grid
 
 
-def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float) -> LaunchPlan:
-    """The launch of the forward kernel for these tensors (shapes as in :func:`forward`)."""
+def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float,
+                 arch: Optional[int] = None) -> LaunchPlan:
+    """The launch of the forward kernel for these tensors (shapes as in :func:`forward`); its candidate
+    configs are those of ``arch`` (default: q's GPU; see :func:`configs_for`)."""
+    arch = arch if arch is not None else _arch(q)
     b, hq, sq, _ = q.shape
     hk, sk = k.shape[1], k.shape[2]
     constexprs = _common_constexprs(q, v, is_causal, k, out)
@@ -639,17 +696,19 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_c
     }
     return LaunchPlan(
         name="fwd", kernel=_attn_fwd_kernel, args=args, constexprs=constexprs,
-        configs=configs_for("fwd_decode" if sq <= DECODE_MAX_SQ else "fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype),
+        configs=configs_for("fwd_decode" if sq <= DECODE_MAX_SQ else "fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype,
+                            arch=arch),
         grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal),
     )
 
 
 def backward_plans(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float,
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, arch: Optional[int] = None,
 ) -> List[LaunchPlan]:
-    """The three launches of the backward (preprocess, dK/dV, dQ), in order. Allocates the float32
-    (B, Hq, Sq) scratch buffers delta and lse2 that connect them."""
+    """The three launches of the backward (preprocess, dK/dV, dQ), in order, with ``arch``'s configs
+    (default: q's GPU). Allocates the float32 (B, Hq, Sq) scratch buffers delta and lse2 that connect them."""
+    arch = arch if arch is not None else _arch(q)
     b, hq, sq, d = q.shape
     hk, sk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
     constexprs = _common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv)
@@ -682,22 +741,24 @@ def backward_plans(
         name="bwd_dkdv", kernel=_attn_bwd_dkdv_kernel,
         args={**common, "DK": dk, "DV": dv, **_strides("sdk", dk), **_strides("sdv", dv),
               "Hk": hk, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales},
-        constexprs=constexprs, configs=configs_for("bwd_dkdv", bucket, q.dtype),
+        constexprs=constexprs, configs=configs_for("bwd_dkdv", bucket, q.dtype, arch=arch),
         grid=_grid(sk, b * hk, "block_n"), tune_key=tune_key,
     )
     dq_plan = LaunchPlan(
         name="bwd_dq", kernel=_attn_bwd_dq_kernel,
         args={**common, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales},
-        constexprs=constexprs, configs=configs_for("bwd_dq", bucket, q.dtype),
+        constexprs=constexprs, configs=configs_for("bwd_dq", bucket, q.dtype, arch=arch),
         grid=_grid(sq, b * hq, "block_m"), tune_key=tune_key,
     )
     return [pre, dkdv, dq_plan]
 
 
-def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float] = None) -> List[LaunchPlan]:
+def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float] = None,
+                  arch: Optional[int] = None) -> List[LaunchPlan]:
     """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work).
 
-    Outputs are allocated like the op layer does (contiguous). For the kernel report: compile
+    Outputs are allocated like the op layer does (contiguous); ``arch`` picks the candidate configs
+    (meta tensors have no GPU: None gives the generic list). For the kernel report: compile
     each plan with each of its configs via :func:`fastgpt.tools.inspect.compiling.compile_plan`.
     """
     b, hq, sq, d = q.shape
@@ -705,8 +766,8 @@ def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optio
     out = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    fwd = forward_plan(q, k, v, out, lse, is_causal, scale)
-    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale)]
+    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch)
+    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch)]
 
 
 # --------------------------------------------------------------------------------------------

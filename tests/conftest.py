@@ -16,6 +16,10 @@ if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from fastgpt.kernels._triton_utils import interpreter_problem  # noqa: E402 (imports no triton)
+
+    if interpreter_problem():
+        raise RuntimeError(interpreter_problem())
 
 import pytest  # noqa: E402
 

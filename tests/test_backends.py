@@ -1,5 +1,6 @@
 """Backend dispatch: auto choice, forcing, strict mode, one-time warnings, explain()."""
 
+import sys
 import threading
 import warnings
 
@@ -124,14 +125,145 @@ def test_use_backend_nests_validates_and_restores():
             pass
 
 
-def test_backend_choice_is_seen_by_other_threads():
-    """Autograd runs CUDA backward on its own thread: the forced backend must be visible there."""
+def _state():
+    return backends.requested_backend(), backends.strict_mode()
+
+
+def test_use_backend_blocks_are_per_thread():
+    """Issue 17: A in use_backend("triton"), B in use_backend("reference", strict=True); A exits first."""
+    a_in, a_out, b_in = threading.Barrier(2), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with fastgpt.use_backend("triton"):
+            seen["a_inside"] = _state()
+            a_in.wait()  # B has entered its block too
+        a_out.set()
+        b_in.wait()
+        seen["a_after"] = _state()
+
+    def thread_b():
+        with fastgpt.use_backend("reference", strict=True):
+            a_in.wait()
+            a_out.wait()  # A has left its block
+            seen["b_after_a_left"] = _state()
+        b_in.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert seen == {
+        "a_inside": ("triton", False),
+        "b_after_a_left": ("reference", True),
+        "a_after": ("auto", False),
+    }
+    assert _state() == ("auto", False), "the main thread never saw either block"
+
+
+def test_a_new_thread_starts_without_the_blocks_of_its_parent():
     seen = []
     with fastgpt.use_backend("reference", strict=True):
-        th = threading.Thread(target=lambda: seen.append((backends.requested_backend(), backends.strict_mode())))
+        th = threading.Thread(target=lambda: seen.append(_state()))
         th.start()
         th.join()
-    assert seen == [("reference", True)]
+    assert seen == [("auto", False)]
+
+
+def test_blocks_that_exit_out_of_order_restore_exactly_their_own_change():
+    outer, inner = fastgpt.use_backend("reference", strict=True), fastgpt.use_backend("triton")
+    outer.__enter__()
+    inner.__enter__()
+    assert _state() == ("triton", True), "strictness of the enclosing block is kept"
+    outer.__exit__(None, None, None)
+    assert _state() == ("triton", False), "the inner block is still open; the outer one's strictness is gone"
+    inner.__exit__(None, None, None)
+    assert _state() == ("auto", False)
+
+
+def test_a_generator_exiting_its_block_late_does_not_undo_the_callers_block():
+    def gen():
+        with fastgpt.use_backend("triton", strict=True):
+            yield _state()
+
+    g = gen()
+    assert next(g) == ("triton", True)
+    with fastgpt.use_backend("reference"):
+        g.close()  # the generator's block exits inside the caller's
+        assert _state() == ("reference", False)
+    assert _state() == ("auto", False)
+
+
+def test_nested_strictness_is_kept_until_the_strict_block_exits():
+    with fastgpt.use_backend("reference", strict=True):
+        with fastgpt.use_backend("auto"):
+            with pytest.raises(BackendUnavailableError):
+                fastgpt.gelu(_x()) if not HAS_CUDA else backends.report_fallback("gelu", "GPU", "planted")
+        assert _state() == ("reference", True)
+    with fastgpt.use_backend("auto"):
+        with fastgpt.use_backend("reference", strict=True):
+            pass
+        assert _state() == ("auto", False), "an inner strict block does not leak strictness outwards"
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        with fastgpt.use_backend("auto", strict="no"):
+            pass
+
+
+def _run_on_another_thread(fn):
+    """Run fn on a fresh thread (as autograd's worker thread runs a CUDA backward); re-raise its error."""
+    errors = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            errors.append(exc)
+
+    th = threading.Thread(target=target)
+    th.start()
+    th.join()
+    if errors:
+        raise errors[0]
+
+
+def test_a_backward_on_another_thread_runs_under_the_forwards_use_backend(monkeypatch):
+    """The eager ops capture the forward's blocks; the backward, run on a thread that has none, uses them."""
+    from fastgpt.ops import _define
+
+    monkeypatch.setattr(_define, "TORCH_SHORTCUT", False)  # the custom-op path, with fastgpt's backward
+    seen = []
+    real_select = backends.select
+
+    def spy(op, device, constraint=None):
+        seen.append((op, *_state()))
+        return real_select(op, device, constraint)
+
+    monkeypatch.setattr(backends, "select", spy)
+    x = torch.randn(4, 8, requires_grad=True)
+    with fastgpt.use_backend("reference", strict=True):
+        y = fastgpt.layer_norm(x, (8,))
+    seen.clear()
+    _run_on_another_thread(lambda: y.sum().backward())
+    assert seen == [("layer_norm", "reference", True)]
+    assert x.grad is not None and _state() == ("auto", False)
+
+def test_an_attention_backward_on_another_thread_runs_the_forwards_kernel(device, monkeypatch):
+    """The Triton kernel (the interpreter on CPU) chosen in the forward also runs the backward that
+    another thread executes, with no block of its own (autograd's worker thread, for CUDA tensors)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from fastgpt.kernels import flash_attention as fa
+
+    launched = []
+    real_launch = fa.launch
+    monkeypatch.setattr(fa, "launch", lambda plan: (launched.append(plan.name), real_launch(plan))[1])
+    q = torch.randn(1, 2, 8, 16, device=device, requires_grad=True)
+    with fastgpt.use_backend("triton", strict=True):
+        out = fastgpt.attention(q, q, q, causal=True, return_lse=True)[0]
+    launched.clear()
+    _run_on_another_thread(lambda: out.sum().backward())
+    assert {"bwd_preprocess", "bwd_dkdv", "bwd_dq"} <= set(launched), launched
+    assert backends.last_choice("attention") == backends.Choice("attention", "triton", "requested")
 
 
 def test_backward_uses_the_same_backend_as_forward():
@@ -140,6 +272,45 @@ def test_backward_uses_the_same_backend_as_forward():
         y = fastgpt.layer_norm(x, (8,))
         y.sum().backward()
     assert backends.last_choice("layer_norm") == backends.Choice("layer_norm", "reference", "requested")
+
+
+def _warned_at(call):
+    """Run call() (which must be written on one line with its own line number returned) and return
+    where its one FallbackWarning was attributed, and the line the call was made from."""
+    backends.reset_warnings()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = call()
+    found = _fallback_warnings(record)
+    assert len(found) == 1, [str(w.message) for w in found]
+    return (found[0].filename, found[0].lineno), (__file__, line)
+
+
+def test_fallback_warnings_name_the_callers_line(monkeypatch):
+    """Issue 17: every FallbackWarning named fastgpt/ops/_define.py; it must name this file and line."""
+    from fastgpt.ops import _define
+
+    x = torch.randn(4, 8)
+    # torch-shortcut path (auto on cpu tensors: the cpu notice)
+    got, want = _warned_at(lambda: (fastgpt.layer_norm(x, (8,)), sys._getframe().f_lineno)[1])
+    assert got == want
+    monkeypatch.setattr(_define, "TORCH_SHORTCUT", False)
+    with fastgpt.use_backend("cuda"):  # a fallback that is not the cpu notice, from inside the op
+        # eager path without autograd (the op's forward called directly)
+        got, want = _warned_at(lambda: (fastgpt.layer_norm(x, (8,)), sys._getframe().f_lineno)[1])
+        assert got == want
+        # eager path through the autograd.Function (torch's frames sit between fastgpt's)
+        xg = x.clone().requires_grad_()
+        got, want = _warned_at(lambda: (fastgpt.layer_norm(xg, (8,)), sys._getframe().f_lineno)[1])
+        assert got == want
+        # the registered custom op (what torch.compile calls), called directly
+        got, want = _warned_at(lambda: (torch.ops.fastgpt.layer_norm_fwd(x, None, None, 1e-5), sys._getframe().f_lineno)[1])
+        assert got == want
+        # attention's torch fallback (dense mask), from the public function
+        q = torch.randn(1, 1, 4, 8)
+        m = torch.ones(4, 4, dtype=torch.bool)
+        got, want = _warned_at(lambda: (fastgpt.scaled_dot_product_attention(q, q, q, attn_mask=m), sys._getframe().f_lineno)[1])
+        assert got == want
 
 
 def test_empty_tensors_need_no_backend():

@@ -245,7 +245,7 @@ def test_bench_on_cpu_says_why_gpu_backends_are_unavailable(quick_run):
     assert ("triton" in unavailable) == (os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
     # the static report is there wherever triton's compiler and cuobjdump are (as in this suite's
     # environment, tests/test_kernel_report.py); otherwise it says why
-    from fastgpt.kernels._triton_utils import _nvidia_tool
+    from fastgpt.tools.inspect.compiling import _nvidia_tool
 
     static = report["static_report"]
     assert static["available"] == (_nvidia_tool("cuobjdump") is not None), static.get("reason")

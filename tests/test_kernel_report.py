@@ -444,6 +444,19 @@ def test_atomics_are_counted():
     assert counts["atomics"] == 5 and counts["ffma"] == 3
 
 
+def test_decode_kernel_launches_are_reported_spill_free_at_the_roofline_target(report):
+    """The split-KV decode op's launches (from its registry entry), batch 1 and 8, GQA 32/8, d=128,
+    8k cache: compiled for sm_80 and sm_90 without spills, modelled at >= 80% of the roofline."""
+    cases = {c["case"]: c for c in report["cases"] if c["op"] == "decode_attention"}
+    assert set(cases) == {"kvcache-gqa-b1", "kvcache-gqa-b8"}
+    for name, c in cases.items():
+        for gpu, g in c["gpus"].items():
+            assert g["fraction"] >= 0.8, (name, gpu, g)
+    rows = [r for r in report["rows"] if r["op"] == "decode_attention"]
+    assert {r["kernel"] for r in rows} == {"decode_split", "decode_combine"} and {r["arch"] for r in rows} == {80, 90}
+    assert all(r["stack"] == 0 and r["stl"] == 0 and r["ldl"] == 0 for r in rows)
+
+
 def test_llama_ops_triton_kernels_are_in_the_report_spill_free_with_128_bit_accesses(report):
     """RMSNorm, add + RMSNorm, SwiGLU and rotary (kernels/rms_norm.py, swiglu.py, rotary.py): every
     pass compiled for sm_80 and sm_90, no spills, 128-bit global loads and stores (16-bit rows)."""

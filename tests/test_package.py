@@ -73,8 +73,7 @@ def test_cli_info_json(tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads(path.read_text())
     assert info["fastgpt"] == fastgpt.__version__
-    assert set(info["ops"]) == set(fastgpt.registry.names())
-    assert {"attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu", "rms_norm", "add_rms_norm", "swiglu", "rotary"} <= set(info["ops"])
+    assert set(info["ops"]) == set(fastgpt.registry.names())  # every registered op
     assert info["cuda_available"] == torch.cuda.is_available()
     stdout_only = run("-m", "fastgpt.cli", "info", "--json", "-")
     assert json.loads(stdout_only.stdout)["torch"] == torch.__version__

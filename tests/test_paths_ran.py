@@ -38,8 +38,10 @@ def _spy(monkeypatch, owner, name: str, record):
 @pytest.fixture
 def calls(monkeypatch):
     """{name: [query lengths / appended lengths / 1 per call]} of the ops the GPT module calls."""
-    seen = {"flash_attn_func": [], "append": [], "add_layer_norm": [], "bias_gelu": [], "layer_norm": []}
-    _spy(monkeypatch, fastgpt, "flash_attn_func", lambda q, *a, **kw: seen["flash_attn_func"].append(q.shape[1]))
+    seen = {"flash_attn_func": [], "flash_attn_with_kvcache": [], "append": [], "add_layer_norm": [], "bias_gelu": [],
+            "layer_norm": []}
+    for name in ("flash_attn_func", "flash_attn_with_kvcache"):
+        _spy(monkeypatch, fastgpt, name, lambda q, *a, _n=name, **kw: seen[_n].append(q.shape[1]))
     _spy(monkeypatch, KVCache, "append", lambda self, k, v: seen["append"].append(k.shape[1]))
     for name in ("add_layer_norm", "bias_gelu", "layer_norm"):
         _spy(monkeypatch, fastgpt, name, lambda *a, _n=name, **kw: seen[_n].append(1))
@@ -49,13 +51,15 @@ def calls(monkeypatch):
 def test_generate_uses_the_kv_cache(calls):
     gpt, prompt, new = _gpt(), torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1)), 6
     cached = gpt.generate(prompt, new, top_k=1)
-    # prefill: each layer attends 5 queries and caches 5 positions; then one query per layer and step
-    assert calls["append"] == [5] * N_LAYER + [1] * N_LAYER * (new - 1)
-    assert calls["flash_attn_func"] == [5] * N_LAYER + [1] * N_LAYER * (new - 1)
+    # prefill: each layer attends 5 queries and caches 5 positions; then one query per layer and step,
+    # appended and attended by the decode op on the preallocated cache
+    assert calls["append"] == [5] * N_LAYER and calls["flash_attn_func"] == [5] * N_LAYER
+    assert calls["flash_attn_with_kvcache"] == [1] * N_LAYER * (new - 1)
     for seen in calls.values():
         seen.clear()
     recomputed = gpt.generate(prompt, new, top_k=1, use_cache=False)
-    assert calls["append"] == [] and calls["flash_attn_func"] == [5 + i for i in range(new) for _ in range(N_LAYER)]
+    assert calls["append"] == [] and calls["flash_attn_with_kvcache"] == []
+    assert calls["flash_attn_func"] == [5 + i for i in range(new) for _ in range(N_LAYER)]
     assert torch.equal(cached, recomputed)
 
 
@@ -63,7 +67,7 @@ def test_generate_drops_the_cache_once_the_window_slides(calls):
     gpt = _gpt(block_size=8)
     gpt.generate(torch.zeros(1, 6, dtype=torch.long), 4, top_k=1)
     # 6 prefill + 1 + 1 fill the 8 positions; the 4th token recomputes the full window without a cache
-    assert calls["append"] == [6] * N_LAYER + [1] * N_LAYER * 2
+    assert calls["append"] == [6] * N_LAYER and calls["flash_attn_with_kvcache"] == [1] * N_LAYER * 2
     assert calls["flash_attn_func"][-N_LAYER:] == [8] * N_LAYER
 
 

@@ -3,7 +3,8 @@
 All checks run before any computation or kernel launch, so a bad call never half-runs.
 """
 
-from typing import Iterable, Optional
+import operator
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -30,6 +31,26 @@ def check_tensor(fn: str, name: str, t: object, *, ndim: Optional[Iterable[int]]
     if t.dim() < min_ndim:
         raise ValueError(f"{fn}: {name} must have at least {min_ndim} dims; got shape {tuple(t.shape)}")
     return t
+
+
+def check_int_shape(fn: str, name: str, value: object) -> Tuple[int, ...]:
+    """An int or a list/tuple/torch.Size of ints, as torch's shape arguments (a str or 8.9 is not one)."""
+    try:
+        if isinstance(value, (list, tuple)):
+            return tuple(operator.index(s) for s in value)
+        return (operator.index(value),)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be an int or a sequence of ints; got {value!r}") from None
+
+
+def check_broadcastable(fn: str, name: str, t: object, shape: Sequence[int], dims: str) -> None:
+    """t is a tensor that broadcasts to ``shape`` (named ``dims``, e.g. "(B, H, Sq, Sk)")."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() > len(shape) or any(a != b and a != 1 for a, b in zip(reversed(t.shape), reversed(shape))):
+        raise ValueError(
+            f"{fn}: {name} must broadcast to {dims} = {tuple(shape)}; got shape {tuple(t.shape)}"
+        )
 
 
 def check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:

@@ -88,6 +88,9 @@ class FastgptOp:
                 # unused outputs get None, not zeros: the attention backward then skips the d(lse)
                 # term entirely, and no zero tensors are allocated for statistics
                 ctx.set_materialize_grads(False)
+                # autograd may run the backward on its own thread (CUDA tensors), where this thread's
+                # use_backend blocks are not active: the backward runs under the forward's state
+                ctx.backend_state = backends.capture()
                 output = forward(*args)
                 setup_context(ctx, args, output)
                 if non_differentiable:
@@ -97,7 +100,7 @@ class FastgptOp:
             @staticmethod
             @once_differentiable
             def backward(ctx, *grads):
-                return backward(ctx, backward_op, *grads)
+                return backends.run_under(ctx.backend_state, backward, ctx, backward_op, *grads)
 
         Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
         self._eager = Eager

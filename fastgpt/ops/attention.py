@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fastgpt import backends, reference
-from fastgpt.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, is_compiling
+from fastgpt.ops._checks import FLOAT_DTYPES, check_broadcastable, check_same_device, check_same_dtype, check_tensor, is_compiling
 from fastgpt.ops._define import FastgptOp, reference_serves
 from fastgpt.registry import OpCases, OpSpec, register
 
@@ -185,7 +185,7 @@ def _qkv_ok(q: Tensor, k: Tensor, v: Tensor, allow_gqa: bool) -> bool:
     (b, hq, _, d), (bk, hk, sk, dk), (bv, hv, sv, dv) = q.shape, k.shape, v.shape
     return (
         bk == b and bv == b and dk == d and hv == hk and sv == sk and d <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM
-        and hk > 0 and hq % hk == 0 and (allow_gqa or hq == hk)
+        and (hk > 0 and hq % hk == 0 or hq == hk == 0) and (allow_gqa or hq == hk)
     )
 
 
@@ -207,7 +207,9 @@ def _check_qkv(fn: str, q: Tensor, k: Tensor, v: Tensor, *, allow_gqa: bool, gqa
     for name, size in (("q/k", d), ("v", dv)):
         if size > MAX_HEAD_DIM:
             raise ValueError(f"{fn}: {name} head dim {size} is not supported; expected at most {MAX_HEAD_DIM}")
-    if hk == 0 or hq % hk != 0:
+    if hk == 0 and hq > 0:
+        raise ValueError(f"{fn}: k and v have 0 heads but q has {hq}; expected at least one k/v head")
+    if hk > 0 and hq % hk != 0:
         raise ValueError(f"{fn}: the number of q heads ({hq}) must be a multiple of the k/v heads ({hk})")
     if hq != hk and not allow_gqa:
         raise ValueError(
@@ -238,11 +240,17 @@ def _torch_sdpa_shortcut(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale
         return None
     if k.numel() == 0 or not reference_serves("attention", q, _kernel_constraint(q, k, v)):
         return None
-    return _torch_sdpa(q, k, v, is_causal=is_causal and sq == sk and sq > 1, scale=scale)
+    torch_causal = is_causal and sq == sk and sq > 1
+    if not reference.fused_attention_ok(q, k, v, torch_causal, scale):
+        return None  # NaN or huge scores: the explicit reference gives fastgpt's semantics
+    return _torch_sdpa(q, k, v, is_causal=torch_causal, scale=scale)
 
 
 def _default_scale(scale: Optional[float], d: int) -> float:
-    return float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    if scale is not None:
+        return float(scale)
+    # head dim 0: every score is 0 whatever the scale (torch returns the mean of v, or an empty tensor)
+    return 1.0 / math.sqrt(d) if d > 0 else 1.0
 
 
 def _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason):
@@ -331,6 +339,11 @@ def scaled_dot_product_attention(
     _check_qkv(fn, q, k, v, allow_gqa=enable_gqa, gqa_flag="enable_gqa")
     if attn_mask is not None and is_causal:
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as torch does)")
+    if attn_mask is not None:
+        b, hq, sq, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        want, dims = ((b, sq, sk), "(B, Sq, Sk)") if squeeze else ((b, hq, sq, sk), "(B, Hq, Sq, Sk)")
+        check_broadcastable(fn, "attn_mask", attn_mask, want, dims)
+        check_same_device(fn, query=query, attn_mask=attn_mask)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1); got {dropout_p}")
     scale = _default_scale(scale, q.shape[-1])

@@ -22,7 +22,7 @@ from torch import Tensor
 from fastgpt import reference
 from fastgpt.ops._cases import NORM_DISPATCH_SIZES, rowwise_gpu_shapes, rowwise_smoke_shapes
 from fastgpt.ops import _cuda_backend as cuda
-from fastgpt.ops._checks import HALF_DTYPES, check_param_dtype, check_same_device, check_same_dtype, check_tensor
+from fastgpt.ops._checks import HALF_DTYPES, check_int_shape, check_param_dtype, check_same_device, check_same_dtype, check_tensor
 from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
 from fastgpt.registry import OpCases, OpSpec, element_size, passes, register
 
@@ -176,7 +176,7 @@ _add_layer_norm = FastgptOp(
 
 
 def _normalized_shape(fn: str, x: Tensor, normalized_shape: Union[int, Sequence[int], torch.Size]) -> Tuple[int, ...]:
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+    shape = check_int_shape(fn, "normalized_shape", normalized_shape)
     if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape) :]) != shape:
         raise ValueError(
             f"{fn}: normalized_shape {shape} must equal the trailing dims of x; x has shape {tuple(x.shape)}"

@@ -60,7 +60,8 @@ def dispatch_work_case(case: DispatchCase) -> OpCase:
 
 
 def dispatch_cases(sizes: Sequence[str] = ("tiny", "small", "realistic"), ops: Sequence[str] = OPS) -> List[DispatchCase]:
-    return [DispatchCase(op, size, mode) for op in ops for size in sizes for mode in DISPATCH_MODES]
+    return [DispatchCase(op, size, mode) for op in ops for size in sizes for mode in DISPATCH_MODES
+            if mode == "fwd-nograd" or registry.get(op).differentiable]  # inference-only ops: no backward
 
 
 def dispatch_pair(case: DispatchCase, seed: int = 0) -> Tuple[Callable[[], object], Callable[[], object]]:

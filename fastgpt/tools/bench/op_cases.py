@@ -87,6 +87,20 @@ TIERS: Dict[str, Dict[str, tuple]] = {
         "norm_compile_hidden": (768, 4096),
         "gelu_approximate": ("none",),
     },
+    # scripts/gpu_check.py's headline run, within its minutes: attention against the SDPA backends
+    # (torch.compile of eager attention is the default tier's), GPT-2 small's widths (GELU at 4 x 768)
+    "headline": {
+        "attn_seqlens": (1024, 2048, 4096, 8192),
+        "attn_head_dims": (128, 64),
+        "attn_causal": (True, False),
+        "attn_modes": ("fwd", "fwd+bwd"),
+        "attn_compile_seqlens": (),
+        "attn_eager_max_seqlen": (4096,),
+        "norm_rows": (16384,),
+        "norm_hidden": (768, 4096),
+        "norm_compile_hidden": (768,),
+        "gelu_approximate": ("none",),
+    },
     "full": {
         "attn_seqlens": (512, 1024, 2048, 4096, 8192, 16384),
         "attn_head_dims": (128, 64),
@@ -270,6 +284,8 @@ def _impl(case: OpCase, impl: str, device: torch.device, backend_override: Optio
         member = getattr(SDPBackend, _SDPA_BACKENDS[impl], None)
         if member is None:
             raise Unavailable(f"torch {torch.__version__} has no SDPBackend.{_SDPA_BACKENDS[impl]}")
+        if "S" not in case.d:  # another op's eager formulation through SDPA (decode: SDPA on the same cache)
+            return _torch_fn(case, device), (lambda: sdpa_kernel(member))
         if impl == "sdpa-math":
             _check_materialised(case, t)
         causal = case.causal
@@ -285,13 +301,15 @@ def _impl(case: OpCase, impl: str, device: torch.device, backend_override: Optio
             _check_materialised(case, t)
             if case.d["S"] not in t["attn_compile_seqlens"]:
                 raise Unavailable(f"torch.compile of eager attention is measured at S in {t['attn_compile_seqlens'] or 'none'} in the {case.tier} tier (compile time)")
-        elif case.d["N"] // _cases(case.op).width_factor not in t["norm_compile_hidden"]:
+        elif "N" in case.d and case.d["N"] // _cases(case.op).width_factor not in t["norm_compile_hidden"]:
             raise Unavailable(f"torch.compile is measured at hidden sizes {t['norm_compile_hidden'] or 'none'} in the {case.tier} tier (compile time)")
         set_compile_limits()
         return torch.compile(_torch_fn(case, device), dynamic=False, fullgraph=True), contextlib.nullcontext
     if impl == "flash-attn":
         fa = _optional_module("flash_attn", "flash-attn")
         causal = case.causal
+        if "L" in case.d:  # decode over a KV cache: (B, S, H, D) already, the whole cache attended
+            return (lambda q, k_cache, v_cache: fa.flash_attn_with_kvcache(q, k_cache, v_cache, causal=causal)), contextlib.nullcontext
 
         def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # flash-attn's layout is (B, S, H, D): transposed views, no copies (last dim contiguous)

@@ -13,12 +13,14 @@ def run_parity(op: str, backend: str, device, dtype, *, tiny: bool = False) -> d
     tiny_dims, dims = spec.parity_dims  # lengths and widths that are not multiples of a block
     # the same op formulations and inputs as the benchmarks (causal attention: Sq == Sk, so torch's
     # mask is fastgpt's); check_against_torch rounds the float32 inputs to ``dtype``
-    case = bc.OpCase(op, "fwd+bwd", tuple(zip(spec.dims, tiny_dims if tiny else dims)), "float32", causal=True)
+    mode = "fwd+bwd" if spec.differentiable else "fwd"
+    case = bc.OpCase(op, mode, tuple(zip(spec.dims, tiny_dims if tiny else dims)), "float32", causal=True)
     inputs, _ = bc._inputs(case, device)
     row = {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
     try:
         with backends.use_backend(backend, strict=True):
-            results = testing.check_against_torch(op, bc._fastgpt_fn(case), bc._torch_fn(case, device), inputs, dtype)
+            results = testing.check_against_torch(op, bc._fastgpt_fn(case), bc._torch_fn(case, device), inputs, dtype,
+                                                  gradients=spec.differentiable)
     except backends.BackendUnavailableError as exc:
         return {**row, "ok": None, "unavailable": str(exc)}
     except AssertionError as exc:

@@ -58,15 +58,18 @@ def _case_plans(case: Dict[str, Any]):
     """[(pass, LaunchPlan)] of one attention case, as the launcher builds them (on meta tensors)."""
     import torch
 
+    from fastgpt import registry
     from fastgpt.kernels import flash_attention as fa
 
+    if case.get("op", "attention") != "attention":  # another Triton op: its registry entry makes the plans
+        return registry.get(case["op"]).report_plans(case)
     dtype = getattr(torch, case["dtype"])
     dv = case.get("dv", case["d"])
     off = case.get("q_offset", 0)  # q as a view that starts `off` elements into its storage (e.g. a fused QKV)
     q = torch.empty(case["b"], case["hq"], case["sq"], case["d"] + off, dtype=dtype, device="meta")[..., off:]
     k = torch.empty(case["b"], case["hk"], case["sk"], case["d"], dtype=dtype, device="meta")
     v = torch.empty(case["b"], case["hk"], case["sk"], dv, dtype=dtype, device="meta")
-    plans = fa.example_plans(q, k, v, case["causal"])
+    plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"))  # per-arch config lists
     out = [("fwd", plans[0])]
     if "bwd" in case["passes"]:
         out += [("bwd", p) for p in plans[1:]]
@@ -95,7 +98,7 @@ def _enumerate_attention(cases: Sequence[Dict[str, Any]], archs: Sequence[int], 
                 records.append({
                     "case": case["name"], "pass": pass_, "kernel": plan.name, "config_index": i, "default": i == 0,
                     "config": asdict(config), "grid": list(plan.grid(config)),
-                    "block_d": plan.constexprs.get("BLOCK_D"), "block_dv": plan.constexprs.get("BLOCK_DV", plan.constexprs.get("BLOCK_D")),
+                    "splits": plan.args.get("NUM_SPLITS"), "block_d": plan.constexprs.get("BLOCK_D"), "block_dv": plan.constexprs.get("BLOCK_DV", plan.constexprs.get("BLOCK_D")),
                     "keys": {str(a): _job_key(plan, config, a) for a in archs},
                 })  # fmt: skip
     return records

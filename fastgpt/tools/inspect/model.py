@@ -30,6 +30,8 @@ ATTENTION_CASES: Tuple[Dict[str, Any], ...] = (
     dict(name="gpt2-small-fp32", b=8, hq=12, hk=12, sq=1024, sk=1024, d=64, causal=True, dtype="float32", passes=("fwd", "bwd")),
     dict(name="d128-fp32", b=1, hq=16, hk=16, sq=2048, sk=2048, d=128, causal=True, dtype="float32", passes=("fwd", "bwd")),
     dict(name="d256-fp32", b=1, hq=16, hk=16, sq=2048, sk=2048, d=256, causal=True, dtype="float32", passes=("fwd", "bwd")),
+    # other Triton ops' cases (the split-KV decode kernel), from their registry entries
+    *(case for spec in registry.all_ops() for case in spec.report_cases),
 )
 
 # Layer norm / GELU on x (rows, cols): 8 x 1024 tokens; hidden 768 (GPT-2 small) .. 8192 (70B-class);
@@ -104,6 +106,8 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
     bm, bn = rec["config"]["block_m"], rec["config"]["block_n"]
     bd, bdv = rec["block_d"], rec["block_dv"]
     kernel = rec["kernel"]
+    if kernel.startswith("decode_"):
+        return _decode_model(rec, case)
     if kernel == "bwd_preprocess":
         nbytes = b * hq * sq * (2 * dv * e + 4 + 8)  # read O, dO, lse; write delta, lse2
         return {"tiled_bytes": nbytes, "hbm_bytes": nbytes, "exec_flops": 0.0}
@@ -146,6 +150,26 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
     raise ValueError(f"no byte model for attention kernel {kernel!r}")
 
 
+def _decode_model(rec: Dict[str, Any], case: Dict[str, Any]) -> Dict[str, float]:
+    """The split-KV decode launches (kernels/decode_attention.py), cache length sk: the split kernel
+    reads each kv head's K/V once (each split its own run of key tiles) and the packed query tile once
+    per split, and writes float32 partial outputs and LSEs; the combine kernel reads those back and
+    writes out and lse. Nothing is re-read, so tiled and HBM bytes agree."""
+    b, hq, hk, sq, sk, d = (case[k] for k in ("b", "hq", "hk", "sq", "sk", "d"))
+    dv = case.get("dv", d)
+    e = 4 if case["dtype"] == "float32" else 2
+    splits = rec["splits"]
+    partials = b * hq * sq * splits * (dv * 4 + 4)
+    if rec["kernel"] == "decode_combine":
+        nbytes = partials + b * hq * sq * (dv * e + 4)
+        return {"tiled_bytes": nbytes, "hbm_bytes": nbytes, "exec_flops": 0.0}
+    bm, bn = rec["config"]["block_m"], rec["config"]["block_n"]
+    tiles = -(-sk // bn)
+    nbytes = b * hk * sk * (d + dv) * e + b * hk * splits * (hq // hk) * sq * d * e + partials
+    flops = b * hk * tiles * 2 * bm * bn * (rec["block_d"] + rec["block_dv"])
+    return {"tiled_bytes": nbytes, "hbm_bytes": nbytes, "exec_flops": float(flops)}
+
+
 def _attention_work(case: Dict[str, Any], pass_: str) -> Tuple[float, float]:
     """(min bytes, useful FLOPs) of an attention pass: fastgpt._timing's FLOP convention; every input
     read and output written once."""
@@ -154,6 +178,12 @@ def _attention_work(case: Dict[str, Any], pass_: str) -> Tuple[float, float]:
     b, hq, hk, sq, sk, d = (case[k] for k in ("b", "hq", "hk", "sq", "sk", "d"))
     dv = case.get("dv", d)
     e = 4 if case["dtype"] == "float32" else 2
+    if case.get("op", "attention") != "attention":  # the decode op: its registry byte model
+        import torch
+
+        dims = {"B": b, "Hq": hq, "Hk": hk, "Sq": sq, "L": sk, "D": d}
+        _, nbytes = registry.get(case["op"]).cases.work(dims, getattr(torch, case["dtype"]), pass_)
+        return float(nbytes), 4.0 * b * hq * sq * sk * d
     if case["causal"] and sq not in (1, sk):
         raise ValueError("the FLOP convention covers causal attention with Sq == Sk (or a one-query decode step)")
     causal = case["causal"] and sq == sk and sq > 1  # one query sees every key (bottom-right causal)

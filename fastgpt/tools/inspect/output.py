@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from fastgpt.tools.inspect import pipe_model
+
 
 def _widths(widths: Dict[int, int]) -> str:
     return " ".join(f"{n}x{b}b" for b, n in sorted(widths.items(), reverse=True))
@@ -40,6 +42,7 @@ def format_report(report: Dict[str, Any], *, launches: bool = True, candidates: 
     arch = "/".join(f"sm_{gpus[k]['arch']}" for k in keys)
     lines += _launch_table(by, keys, arch) if launches else []
     lines += _roofline_table(report, keys)
+    lines += pipe_model.report_lines(report.get("pipes"))  # MUFU / FP32 pipes per tile
     if candidates:
         lines += _candidate_table(report, by, keys, gpus)
     for title, items in (("problems (default configs)", report["problems"]), ("notes", report["notes"])):

@@ -62,6 +62,7 @@ from fastgpt.tools.inspect.model import ATTENTION_CASES, CUDA_CASES, CUDA_OPS, T
 from fastgpt.tools.inspect.compile_jobs import _Workers, compile_attention  # noqa: F401
 from fastgpt.tools.inspect.launches import Unavailable, _cuda_vector_path, _load_emulator, cuda_launches, cuda_machine_code  # noqa: F401
 from fastgpt.tools.inspect.output import _widths, format_report, write_plot  # noqa: F401
+from fastgpt.tools.inspect import pipe_model
 from fastgpt.tools.inspect import triton_ops
 
 __all__ = [
@@ -176,6 +177,8 @@ def _finish_case(case_out: Dict[str, Any], gpu: Gpu, rows: List[Dict[str, Any]],
 def _config_str(c: Dict[str, Any], kernel: str) -> str:
     if kernel == "bwd_preprocess":
         return f"M{c['block_m']} w{c['num_warps']}"
+    if kernel == "decode_combine":
+        return f"w{c['num_warps']}"
     return f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
 
 
@@ -189,7 +192,8 @@ def _attention_part(quick: bool, jobs: Optional[int], use_cache: bool, progress:
             recs = [r for r in records if r["case"] == case["name"] and r["pass"] == pass_]
             min_bytes, useful = _attention_work(case, pass_)
             shape = {k: case[k] for k in ("b", "hq", "hk", "sq", "sk", "d", "causal")}
-            case_out = {"op": "attention", "pass": pass_, "case": case["name"], "source": "triton", "dtype": case["dtype"],
+            op = case.get("op", "attention")
+            case_out = {"op": op, "pass": pass_, "case": case["name"], "source": "triton", "dtype": case["dtype"],
                         "shape": shape, "min_bytes": min_bytes, "useful_flops": useful, "gpus": {}, "launches": []}
             for gpu in GPUS:
                 peak = gpu.fp32_flops if case["dtype"] == "float32" else gpu.tensor_flops
@@ -200,9 +204,9 @@ def _attention_part(quick: bool, jobs: Optional[int], use_cache: bool, progress:
                     if arch not in r["resources"]:
                         errors.append(f"{r['kernel']} [{config}] for {case['name']} does not compile for sm_{arch}: {r['error'][arch]}")
                         continue
-                    row = _row(gpu, "triton", case["name"], "attention", pass_, r["kernel"], config, r["default"], case["dtype"],
+                    row = _row(gpu, "triton", case["name"], op, pass_, r["kernel"], config, r["default"], case["dtype"],
                                32 * r["config"]["num_warps"], r["grid"], r["resources"][arch],
-                               "memory" if r["kernel"] == "bwd_preprocess" else "mma", None)
+                               "memory" if r["kernel"] in ("bwd_preprocess", "decode_combine") else "mma", None)
                     resident = gpu.sms * row["blocks_per_sm"]
                     row.update(_attention_model(r, by_name[r["case"]], resident, gpu))
                     gpu_rows.append(row)
@@ -284,6 +288,7 @@ def build_report(*, quick: bool = False, jobs: Optional[int] = None, use_cache: 
     report["gpus"] = [asdict(g) for g in GPUS]
     report["work_model"] = _timing.WORK_MODEL
     report["tiling_model"] = TILING_MODEL
+    report["pipes"], report["default_configs"] = pipe_model.report(), pipe_model.default_configs()
     report["disclaimer"] = ("static figures: compiled machine code read without a GPU, and a byte/FLOP model; "
                             "no time or fraction here was measured")
     workers = None

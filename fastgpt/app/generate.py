@@ -2,19 +2,28 @@
 
 import argparse
 import json
-from pathlib import Path
+import math
 import sys
+from pathlib import Path
+
+from fastgpt.app.common import (
+    backend_notice, brief_errors, check_device, device_name, fallback_notices, positive_float, positive_int, seed_int, writable_json_path,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    brief_errors(p)
     p.add_argument("--ckpt", required=True, help="path to a ckpt.pt written by fastgpt train")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--json", metavar="PATH", help="also write {prompt, text, tokens} as JSON to PATH ('-' for stdout only)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--temperature", type=positive_float, default=0.8)
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--seed", type=seed_int, default=1337)
+    p.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--json", metavar="PATH", type=writable_json_path,
+        help="also write {prompt, text, tokens} as JSON to PATH ('-' for stdout only)",
+    )
 
 
 def generate_text(ckpt_path: str, prompt: str, max_new_tokens: int, temperature: float, top_k, seed: int, device=None) -> dict:
@@ -22,19 +31,24 @@ def generate_text(ckpt_path: str, prompt: str, max_new_tokens: int, temperature:
     import torch
 
     from fastgpt.model import GPT, GPTConfig
-    from fastgpt.train import TrainError, load_checkpoint
+    from fastgpt.app.train import TrainError, load_checkpoint
 
     if max_new_tokens < 1:
         raise TrainError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
-    if temperature <= 0:
-        raise TrainError(f"--temperature must be positive; got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise TrainError(f"--temperature must be a finite number > 0; got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise TrainError(f"--top-k must be at least 1; got {top_k}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    problem = check_device(dev)
+    if problem:
+        raise TrainError(problem)
     ckpt = load_checkpoint(Path(ckpt_path))
     config = GPTConfig(**ckpt["model_config"])
     if config.vocab_size != 256:
         raise TrainError(
             f"{ckpt_path} has a {config.vocab_size}-token vocabulary; fastgpt generate decodes byte-level (256) models only"
         )
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = GPT(config)
     model.load_state_dict(ckpt["model"])
     model.to(dev).eval()
@@ -48,10 +62,16 @@ def generate_text(ckpt_path: str, prompt: str, max_new_tokens: int, temperature:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fastgpt.train import TrainError
+    from fastgpt.app.train import TrainError
 
+    import torch
+
+    notice = backend_notice(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if notice:
+        print(f"fastgpt generate: {notice}", file=sys.stderr)
     try:
-        result = generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device)
+        with fallback_notices("fastgpt generate", header_said_it=notice is not None):
+            result = generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device)
     except TrainError as exc:
         print(f"fastgpt generate: error: {exc}", file=sys.stderr)
         return 2
