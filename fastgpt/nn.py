@@ -18,7 +18,7 @@ from torch import Tensor
 
 import fastgpt
 
-__all__ = ["LayerNorm", "GELU", "CausalSelfAttention", "KVCache"]
+__all__ = ["LayerNorm", "RMSNorm", "GELU", "CausalSelfAttention", "KVCache"]
 
 DECODE_MAX_SQ = 16  # steps of at most this many new positions use the decode op (its kernel's limit)
 
@@ -46,6 +46,18 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return fastgpt.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` computed by :func:`fastgpt.rms_norm`.
+
+    Same constructor, attributes (``normalized_shape``, ``eps``, ``elementwise_affine``, ``weight``)
+    and state_dict keys as torch's module; ``eps=None`` is torch's default. The output has the
+    input's dtype (float32 statistics, one rounding, as ``torch.nn.functional.rms_norm``).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fastgpt.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class GELU(torch.nn.GELU):

@@ -38,6 +38,13 @@ __all__ = [
     "gelu_backward",
     "bias_gelu_forward",
     "bias_gelu_backward",
+    "rms_norm_forward",
+    "rms_norm_backward",
+    "add_rms_norm_forward",
+    "add_rms_norm_backward",
+    "swiglu_forward",
+    "swiglu_backward",
+    "rotary_forward",
 ]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -472,3 +479,140 @@ def bias_gelu_backward(dy: Tensor, x: Tensor, bias: Tensor, approximate: str) ->
     dxc = dy.to(cd) * _gelu_grad(x.to(cd) + bias.to(cd), approximate)
     dbias = dxc.reshape(-1, x.shape[-1]).sum(dim=0)
     return dxc.to(x.dtype), dbias.to(bias.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm (x is 2-D: rows x normalized size; the public op flattens)
+# --------------------------------------------------------------------------------------------
+
+
+def _rms_weight(weight: Tensor, weight_offset: float, cd: torch.dtype) -> Tensor:
+    return weight.to(cd) + weight_offset if weight_offset else weight.to(cd)
+
+
+def rms_norm_forward(
+    x: Tensor, weight: Optional[Tensor], eps: float, weight_offset: float = 0.0, cast_before_weight: bool = False
+) -> Tuple[Tensor, Tensor]:
+    """RMSNorm over the last dim of x (M, N): ``y = x * rstd * (weight + weight_offset)``, rstd =
+    1 / sqrt(mean(x^2) + eps) per row (float32, float64 for float64 x). Returns y and rstd (M,).
+
+    y has x's dtype and is rounded once, as torch's F.rms_norm. ``cast_before_weight`` is Hugging
+    Face's LlamaRMSNorm: the normalized x is rounded to x's dtype *before* the weight multiplies it,
+    and y has the promoted dtype of x and weight (float32 weight on bfloat16 x gives float32 y).
+    """
+    cd = compute_dtype(x.dtype)
+    xc = x.to(cd)
+    rstd = torch.rsqrt(xc.pow(2).mean(dim=-1) + eps)
+    xhat = xc * rstd[:, None]
+    out_dtype = x.dtype
+    if cast_before_weight:
+        xhat = xhat.to(x.dtype).to(cd)
+        if weight is not None:
+            out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y = xhat * _rms_weight(weight, weight_offset, cd) if weight is not None else xhat
+    return y.to(out_dtype), rstd.to(stats_dtype(x.dtype))
+
+
+def rms_norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    rstd: Tensor,
+    need_weight_grad: bool,
+    weight_offset: float = 0.0,
+    cast_before_weight: bool = False,
+    dsum: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradients of :func:`rms_norm_forward`: dx (x's dtype; plus ``dsum`` before the one rounding,
+    for the residual add) and dweight (weight's dtype) or None. The rounding of
+    ``cast_before_weight`` passes gradients through unchanged (as autograd treats a cast)."""
+    cd = compute_dtype(x.dtype)
+    dyc = dy.to(cd)
+    r = rstd.to(cd)[:, None]
+    xhat = x.to(cd) * r
+    g = dyc * _rms_weight(weight, weight_offset, cd) if weight is not None else dyc
+    dx = r * (g - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+    if dsum is not None:
+        dx = dx + dsum.to(cd)
+    dw = None
+    if need_weight_grad:
+        xw = xhat.to(x.dtype).to(cd) if cast_before_weight else xhat
+        dw = (dyc * xw).sum(dim=0).to(weight.dtype)
+    return dx.to(x.dtype), dw
+
+
+def add_rms_norm_forward(
+    x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float, weight_offset: float = 0.0,
+    cast_before_weight: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``s = x + residual`` (rounded to x's dtype: the residual stream eager code stores) and
+    ``rms_norm(s)``. Returns y, s, rstd."""
+    s = x + residual
+    y, rstd = rms_norm_forward(s, weight, eps, weight_offset, cast_before_weight)
+    return y, s, rstd
+
+
+def add_rms_norm_backward(
+    dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Tensor], rstd: Tensor, need_weight_grad: bool,
+    weight_offset: float = 0.0, cast_before_weight: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradients of :func:`add_rms_norm_forward`: the gradient of x and of residual (one tensor:
+    the norm's dx plus ``dsum``, the gradient flowing into the returned sum) and dweight."""
+    return rms_norm_backward(dy, s, weight, rstd, need_weight_grad, weight_offset, cast_before_weight, dsum)
+
+
+# --------------------------------------------------------------------------------------------
+# SwiGLU
+# --------------------------------------------------------------------------------------------
+
+
+def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` computed in float32 (float64 for float64 inputs), rounded once (float32 and
+    float64 inputs: torch's ``F.silu(gate) * up``, which the op's torch shortcut also calls)."""
+    if gate.dtype in (torch.float32, torch.float64):
+        return torch.nn.functional.silu(gate) * up
+    cd = compute_dtype(gate.dtype)
+    g = gate.to(cd)
+    return (g * torch.sigmoid(g) * up.to(cd)).to(gate.dtype)
+
+
+def swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dgate, dup) of :func:`swiglu_forward`: dgate = dy * up * silu'(gate), dup = dy * silu(gate)."""
+    cd = compute_dtype(gate.dtype)
+    g, u, d = gate.to(cd), up.to(cd), dy.to(cd)
+    sig = torch.sigmoid(g)
+    dgate = d * u * sig * (1.0 + g * (1.0 - sig))
+    return dgate.to(gate.dtype), (d * g * sig).to(up.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# rotary embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def rotary_forward(x: Tensor, cos1: Tensor, sin1: Tensor, cos2: Tensor, sin2: Tensor, interleaved: bool,
+                   backward: bool = False) -> Tensor:
+    """Rotary embedding of x, a logical (B, S, H, D) tensor, on its first R = 2 * cos1.shape[-1] dims.
+
+    cos1/sin1 (for the first element of each pair) and cos2/sin2 (for the second) are (Bc, S, R/2),
+    Bc in (1, B). The pairs are (i, i + R/2) (GPT-NeoX / Llama, ``interleaved=False``) or (2i, 2i+1)
+    (GPT-J). Each pair (a, b) becomes (a*cos1 - b*sin1, b*cos2 + a*sin2): a rotation when the two
+    halves of cos/sin agree (flash-attn passes one table for both; Hugging Face's full-width cos/sin
+    are cat(freqs, freqs)), exactly Hugging Face's ``q * cos + rotate_half(q) * sin`` in general.
+    ``backward`` applies the transposed map (the gradient). Dims past R pass through. Computed in
+    float32 (float64 for float64 x), rounded once to x's dtype.
+    """
+    cd = compute_dtype(x.dtype)
+    r2 = cos1.shape[-1]
+    xc = x.to(cd)
+    c1, s1, c2, s2 = (t.to(cd)[:, :, None, :] for t in (cos1, sin1, cos2, sin2))
+    if interleaved:
+        a, b = xc[..., 0 : 2 * r2 : 2], xc[..., 1 : 2 * r2 : 2]
+    else:
+        a, b = xc[..., :r2], xc[..., r2 : 2 * r2]
+    if backward:
+        oa, ob = a * c1 + b * s2, b * c2 - a * s1
+    else:
+        oa, ob = a * c1 - b * s1, b * c2 + a * s2
+    rot = torch.stack((oa, ob), dim=-1).flatten(-2) if interleaved else torch.cat((oa, ob), dim=-1)
+    return torch.cat((rot, xc[..., 2 * r2 :]), dim=-1).to(x.dtype)

@@ -35,6 +35,7 @@ __all__ = [
     "pick_config",
     "tuning_log",
     "ceil_div",
+    "on_device",
 ]
 
 
@@ -263,3 +264,12 @@ def launch(plan: LaunchPlan) -> Config:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def on_device(t):
+    """Triton launches on the current CUDA device: a context that makes it ``t``'s (a no-op on cpu)."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

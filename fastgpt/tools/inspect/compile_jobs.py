@@ -144,7 +144,15 @@ def _check_specializations(cases: Sequence[Dict[str, Any]], archs: Sequence[int]
     return {"available": True, "checked": checked, "mismatches": mismatches, "divisible": divisible}
 
 
-_WORKER_TASKS.update(enumerate=_enumerate_attention, compile=_compile_job, check_specialization=_check_specializations)
+def _triton_op_task(name: str, *args):
+    """Worker: a task of the element-wise / row-wise Triton kernels (fastgpt.tools.inspect.triton_ops)."""
+    from fastgpt.tools.inspect import triton_ops
+
+    return getattr(triton_ops, name)(*args)
+
+
+_WORKER_TASKS.update(enumerate=_enumerate_attention, compile=_compile_job, check_specialization=_check_specializations,
+                     triton_op=_triton_op_task)
 
 
 class _Workers:

@@ -13,6 +13,9 @@ what that implies on an H100 and an A100:
   ``compiling.launch_specialization``). Compiles run in a pool of processes without
   TRITON_INTERPRET, and their readings are cached under ``$FASTGPT_CACHE_DIR/kernel_report``, keyed by
   the kernel's source hash, the specialisation, the config, the architecture and triton's version.
+* **Triton RMSNorm, SwiGLU, rotary** (kernels/rms_norm.py, swiglu.py, rotary.py): each kernel module's
+  ``example_plans`` (the launcher's own plan functions on meta tensors) compiled the same way, one
+  config per launch (these kernels are not tuned); see ``triton_ops``.
 * **CUDA layer norm / GELU** (csrc/): the kernels the C++ launchers pick (vector or scalar path, block
   and grid) come from running those launchers in a dry run of the CPU emulator of the test suite
   (fastgpt/tools/cuda_emu: the unmodified csrc/ compiled for the host; no kernel runs, the pointers are fake
@@ -60,6 +63,7 @@ from fastgpt.tools.inspect.compile_jobs import _Workers, compile_attention  # no
 from fastgpt.tools.inspect.launches import Unavailable, _cuda_vector_path, _load_emulator, cuda_launches, cuda_machine_code  # noqa: F401
 from fastgpt.tools.inspect.output import _widths, format_report, write_plot  # noqa: F401
 from fastgpt.tools.inspect import pipe_model
+from fastgpt.tools.inspect import triton_ops
 
 __all__ = [
     "GPUS",
@@ -307,10 +311,13 @@ def build_report(*, quick: bool = False, jobs: Optional[int] = None, use_cache: 
             report["timing"]["cuda_s"] = round(time.perf_counter() - t, 1)
         if workers is not None:
             cases, rows, errors, stats = _attention_part(quick, jobs, use_cache, progress, workers)
-            report["cases"] = cases + report["cases"]
-            report["rows"] = rows + report["rows"]
-            report["problems"] += errors
+            t = time.perf_counter()
+            op_cases, op_rows, op_errors = triton_ops.op_part(quick, workers, use_cache, GPUS, _row, _finish_case)
+            report["cases"] = cases + op_cases + report["cases"]
+            report["rows"] = rows + op_rows + report["rows"]
+            report["problems"] += errors + op_errors
             report["timing"]["triton"] = stats
+            report["timing"]["triton_ops_s"] = round(time.perf_counter() - t, 1)
     finally:
         if workers is not None:
             workers.close()
@@ -357,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the modelled fraction of roofline to PATH (matplotlib)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: min(2, CPUs))")
     parser.add_argument("--no-cache", action="store_true", help="recompile instead of reusing $FASTGPT_CACHE_DIR/kernel_report")
-    parser.add_argument("--only", choices=("triton", "cuda"), help="only the Triton attention kernels or only the CUDA kernels")
+    parser.add_argument("--only", choices=("triton", "cuda"), help="only the Triton kernels (attention, RMSNorm, SwiGLU, rotary) or only the CUDA kernels")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
