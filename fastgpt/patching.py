@@ -288,6 +288,16 @@ def _classify(m: nn.Module, hf_gelus: Dict[type, str]) -> Tuple[Optional[str], O
 # --------------------------------------------------------------------------------------------
 
 _HF_UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias")
+DECODE_MAX_SQ = 16  # a causal step of at most this many queries over more cached keys is a decode step
+
+
+def _is_decode_step(query: Tensor, key: Tensor, value: Tensor, causal: bool, dropout: float) -> bool:
+    """A generation step flash_attn_with_kvcache can take: causal, a few queries after cached keys, no
+    dropout, no gradient wanted (the decode op is inference-only), not under torch.compile (its range
+    checks read the device)."""
+    sq, sk = query.shape[2], key.shape[2]
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return causal and 1 <= sq <= DECODE_MAX_SQ and sq < sk and dropout == 0.0 and not wants_grad and not is_compiling()
 
 
 def causal_prefix_length(mask: Tensor, sq: int, sk: int) -> Optional[int]:
@@ -342,6 +352,8 @@ def hf_attention_forward(
     (cached keys; a static cache's filled slots), runs fastgpt's causal kernel; any other mask
     (padding) runs torch's SDPA through
     :func:`fastgpt.scaled_dot_product_attention` (a one-time FallbackWarning; an error in strict mode).
+    A causal decode step (see ``_is_decode_step``) runs :func:`fastgpt.flash_attn_with_kvcache` with
+    transformers' concatenated keys/values as a full cache (transposed views, no copy).
     """
     unsupported = [name for name in _HF_UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
     if unsupported or kwargs.get("output_attentions"):
@@ -360,6 +372,12 @@ def hf_attention_forward(
         if length is not None:  # a causal mask after all (cached keys, static cache slots)
             attention_mask, causal = None, True
             key, value = key[:, :, :length], value[:, :, :length]
+    if attention_mask is None and _is_decode_step(query, key, value, causal, dropout):
+        k_cache, v_cache = key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views: the op takes strides
+        lengths = torch.full((key.shape[0],), key.shape[2], dtype=torch.int32, device=key.device)
+        out = fastgpt.flash_attn_with_kvcache(query.transpose(1, 2), k_cache, v_cache, cache_seqlens=lengths,
+                                              softmax_scale=scaling, causal=True)
+        return out, None
     if attention_mask is None:
         out = fastgpt.flash_attn_func(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastgpt
-from fastgpt import backends
+from fastgpt import backends, reference
 from fastgpt.ops import decode_attention as op
 from fastgpt.testing import TIGHT_FACTOR, assert_parity, attention_rounded_as_a_kernel_must, parity
 
@@ -142,8 +142,7 @@ def test_bad_input_raises_naming_the_argument_and_leaves_the_cache_untouched():
     assert torch.equal(kc, k_before) and torch.equal(vc, v_before)
 
 
-@pytest.mark.parametrize("arg,value", [("rotary_cos", torch.ones(4, 8)), ("window_size", (4, 0)), ("softcap", 30.0),
-                                       ("alibi_slopes", torch.ones(4))])
+@pytest.mark.parametrize("arg,value", [("window_size", (4, 0)), ("softcap", 30.0), ("alibi_slopes", torch.ones(4))])
 def test_features_of_other_issues_are_refused_by_name(arg, value):
     q, kc = torch.randn(1, 1, 4, 16), torch.randn(1, 32, 2, 16)
     with pytest.raises(NotImplementedError, match=arg.split("_")[0]):
@@ -196,3 +195,108 @@ def test_more_queries_than_the_kernel_takes_are_declined_by_name():
     q, kc = torch.randn(1, kd.MAX_SQ + 1, 2, 16), torch.randn(1, 32, 2, 16)
     with backends.use_backend("triton", strict=True), pytest.raises(backends.BackendUnavailableError, match="at most 16"):
         fastgpt.flash_attn_with_kvcache(q, kc, kc.clone(), causal=True)
+
+
+# --------------------------------------------------------------------------------------------
+# rotary_cos / rotary_sin: flash-attn's positions, through the rotary op
+# --------------------------------------------------------------------------------------------
+
+
+def _tables(seqlen_ro, rotary_dim, dtype):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    ang = torch.arange(seqlen_ro, dtype=torch.float64)[:, None] * inv_freq
+    return ang.cos().to(DEVICE, dtype), ang.sin().to(DEVICE, dtype)
+
+
+def _rotary_then_attention(q, kc, vc, k, v, seqlens, cos, sin, interleaved, causal):
+    """The definition, in q's precision: rotate k at cache_seqlens + i (q there too when causal, else at
+    cache_seqlens) with the reference rotary, append, reference attention; returns (out, lse, k_cache)."""
+    kc, vc = kc.clone(), vc.clone()
+    steps = torch.arange(q.shape[1], device=q.device)
+    pos_k = seqlens.long()[:, None] + steps
+    pos_q = pos_k if causal else seqlens.long()[:, None] + 0 * steps
+
+    def rot(x, pos):
+        return reference.rotary_forward(x, cos[pos], sin[pos], cos[pos], sin[pos], interleaved)
+
+    k, q = rot(k, pos_k), rot(q, pos_q)
+    op._append(kc, vc, k, v, seqlens, None, None)
+    out, lse = op.decode_reference(q, kc, vc, seqlens + k.shape[1], None, None, causal, q.shape[-1] ** -0.5)
+    return out, lse, kc
+
+
+ROTARY_CASES = [(interleaved, sq, dtype) for interleaved in (True, False) for sq in (1, 3) for dtype in (torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("interleaved,sq,dtype", ROTARY_CASES,
+                         ids=[f"{'interleaved' if c[0] else 'halves'}-q{c[1]}-{str(c[2])[6:]}" for c in ROTARY_CASES])
+def test_rotary_rotates_the_new_keys_and_the_queries_at_flash_attn_positions(backend, interleaved, sq, dtype):
+    g = torch.Generator().manual_seed(sq * 11 + interleaved)
+    d, hq, hk = 32, 4, 2
+    rotary_dim = d if dtype == torch.float32 else d // 2  # a partial rotation: the last dims pass through
+    causal = not (interleaved and sq == 3)  # non-causal with 3 queries: every query at cache_seqlens
+    seqlens = torch.tensor(LENGTHS, dtype=torch.int32, device=DEVICE)
+    kc, vc, _ = _cache(len(LENGTHS), 304, hk, d, dtype, False, g)
+    q = torch.randn(len(LENGTHS), sq, hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(len(LENGTHS), sq, hk, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(len(LENGTHS), sq, hk, d, generator=g).to(DEVICE, dtype)
+    cos, sin = _tables(max(LENGTHS) + sq, rotary_dim, dtype)  # exactly the positions needed
+    k_before, v_before = kc.clone(), vc.clone()
+    with backends.use_backend(backend, strict=True):
+        out, lse = fastgpt.flash_attn_with_kvcache(q, kc, vc, k, v, cos, sin, cache_seqlens=seqlens, causal=causal,
+                                                   rotary_interleaved=interleaved, return_softmax_lse=True)
+    f64 = [t.double() for t in (q, k_before, v_before, k, v)]
+    ref = _rotary_then_attention(*f64[:5], seqlens, cos.double(), sin.double(), interleaved, causal)
+    base = _rotary_then_attention(q, k_before, v_before, k, v, seqlens, cos, sin, interleaved, causal)
+    assert_parity("out", out, ref[0], base[0])
+    assert_parity("lse", lse, ref[1], base[1])
+    # the cache element by element: rotated keys in the new slots, v as given, every other slot untouched
+    new = torch.zeros(kc.shape[:2], dtype=torch.bool, device=DEVICE)
+    for b, start in enumerate(LENGTHS):
+        new[b, start : start + sq] = True
+    assert_parity("k_cache new slots", kc[new], ref[2][new], base[2][new])
+    assert torch.equal(kc[~new], k_before[~new])
+    assert not torch.equal(kc[new], torch.cat([k[b] for b in range(len(LENGTHS))]))  # rotated, not copied
+    want_v = v_before.clone()
+    op._append(k_before.clone(), want_v, k, v, seqlens, None, None)
+    assert torch.equal(vc, want_v)
+
+
+def test_rotary_position_semantics_differ_between_causal_and_not():
+    """Guards the causal/non-causal q positions: with 3 queries the two give different outputs."""
+    g = torch.Generator().manual_seed(5)
+    kc, vc, _ = _cache(1, 32, 1, 16, torch.float64, False, g)
+    q, k, v = (torch.randn(1, 3, 1, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    cos, sin = _tables(32, 16, torch.float64)
+    sl = torch.tensor([4], dtype=torch.int32)
+    got = fastgpt.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k, v, cos, sin, cache_seqlens=sl, causal=False)
+    want = _rotary_then_attention(q, kc, vc, k, v, sl, cos, sin, True, False)[0]
+    wrong = _rotary_then_attention(q, kc, vc, k, v, sl, cos, sin, True, True)[0]
+    assert torch.allclose(got, want) and not torch.allclose(got[0, 1:], wrong[0, 1:])
+
+
+def test_rotary_bad_input_raises_naming_the_argument_and_leaves_the_cache_untouched():
+    g = torch.Generator().manual_seed(6)
+    kc, vc, _ = _cache(2, 16, 2, 16, torch.float32, False, g)
+    q = torch.randn(2, 2, 4, 16, generator=g)
+    k, v = torch.randn(2, 2, 2, 16, generator=g), torch.randn(2, 2, 2, 16, generator=g)
+    sl = torch.tensor([3, 10], dtype=torch.int32)
+    cos, sin = _tables(16, 8, torch.float32)
+    fn = fastgpt.flash_attn_with_kvcache
+    k_before, v_before = kc.clone(), vc.clone()
+    for what, call in [
+        ("rotary_cos and rotary_sin together", lambda: fn(q, kc, vc, k, v, cos, None, cache_seqlens=sl)),
+        ("rotary_cos and rotary_sin together", lambda: fn(q, kc, vc, k, v, None, sin, cache_seqlens=sl)),
+        ("need new k and v", lambda: fn(q, kc, vc, None, None, cos, sin, cache_seqlens=sl)),
+        ("rotary_cos must have q's dtype", lambda: fn(q, kc, vc, k, v, cos.double(), sin.double(), cache_seqlens=sl)),
+        ("rotary_sin must have rotary_cos's shape", lambda: fn(q, kc, vc, k, v, cos, sin[:, :2], cache_seqlens=sl)),
+        ("rotary_cos", lambda: fn(q, kc, vc, k, v, cos[None], sin[None], cache_seqlens=sl)),
+        ("rotary_dim", lambda: fn(q, kc, vc, k, v, torch.ones(16, 9), torch.ones(16, 9), cache_seqlens=sl)),
+        ("rotary_dim", lambda: fn(q, kc, vc, k, v, torch.ones(16, 0), torch.ones(16, 0), cache_seqlens=sl)),
+        ("rotary_cos/rotary_sin have 11 positions", lambda: fn(q, kc, vc, k, v, cos[:11], sin[:11], cache_seqlens=sl)),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=what):
+            call()
+    assert torch.equal(kc, k_before) and torch.equal(vc, v_before)
+    fn(q, kc, vc, k, v, cos[:12], sin[:12], cache_seqlens=sl)  # exactly the 12 positions needed: accepted

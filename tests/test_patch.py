@@ -346,6 +346,44 @@ def test_patched_hf_generate_with_its_kv_cache_equals_unpatched():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_patched_hf_decode_steps_run_flash_attn_with_kvcache_and_match_the_unpatched_model(backend, monkeypatch):
+    """Greedy generation: the prefill takes flash_attn_func, every later step (one query over the dynamic
+    cache's concatenated keys) flash_attn_with_kvcache; tokens equal the unpatched model's, and every
+    step's logits meet the parity rule against the float64 model."""
+    from fastgpt import backends
+
+    if backend == "triton" and backends.backend_unavailable_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip(f"triton cannot run on cpu tensors here: {backends.backend_unavailable_reason('triton', torch.device('cpu'))}")
+    base = hf_gpt2()
+    ref = copy.deepcopy(base).double()
+    model = copy.deepcopy(base)
+    fastgpt.patch(model, ops=("attention",) if backend == "triton" else fastgpt.patching.OPS)  # norms/GELU: no triton
+    calls = []
+
+    def spy(name, real):
+        def run(q, k, *args, **kwargs):
+            calls.append((name, q.shape[1], k.shape[1], k.is_contiguous()))
+            return real(q, k, *args, **kwargs)
+
+        monkeypatch.setattr(fastgpt, name, run)
+
+    spy("flash_attn_func", fastgpt.flash_attn_func)
+    spy("flash_attn_with_kvcache", fastgpt.flash_attn_with_kvcache)
+    prompt, new = tokens(2, 5, vocab=96), 6
+    kw = dict(max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    want, want64 = base.generate(prompt, **kw), ref.generate(prompt, **kw)
+    with fastgpt.use_backend(backend, strict=True):
+        got = model.generate(prompt, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (o, b, r) in enumerate(zip(got.logits, want.logits, want64.logits)):
+        assert_parity(f"decode step {step}", o, r, b)
+    layers = base.config.n_layer
+    assert calls[:layers] == [("flash_attn_func", 5, 5, False)] * layers  # the prefill
+    decode = [("flash_attn_with_kvcache", 1, 5 + step + 1, False) for step in range(new - 1) for _ in range(layers)]
+    assert calls[layers:] == decode  # every decode step, on transposed views of transformers' cache
+
+
 def test_patched_hf_generate_with_a_static_cache_matches_step_by_step():
     """A static cache's prefill passes no mask with more keys than queries (unwritten slots): top-left causal."""
     base = hf_gpt2()

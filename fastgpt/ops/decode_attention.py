@@ -20,6 +20,7 @@ from fastgpt import backends, reference
 from fastgpt.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from fastgpt.ops._define import FastgptOp
 from fastgpt.ops.attention import MAX_HEAD_DIM, _default_scale, _torch_sdpa
+from fastgpt.ops.rotary import apply_rotary_emb
 from fastgpt.registry import OpCases, OpSpec, element_size, register
 
 __all__ = ["flash_attn_with_kvcache", "PAGE_MULTIPLE"]
@@ -143,7 +144,28 @@ def _check_int32(name: str, t: Optional[Tensor], shape: Tuple[int, ...], device:
         raise ValueError(f"{_FN}: {name} must be on q's device {device}; got {t.device}")
 
 
-def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> Tuple[Tensor, int]:
+def _check_rotary(q: Tensor, k: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor]) -> Optional[int]:
+    """flash-attn's rotary tables: both or neither, (seqlen_ro, rotary_dim / 2) in q's dtype and device,
+    rotary_dim (even by construction) <= D, and new k/v to rotate; returns seqlen_ro (None without rotary)."""
+    if (cos is None) != (sin is None):
+        raise ValueError(f"{_FN}: pass rotary_cos and rotary_sin together (got only {'rotary_cos' if sin is None else 'rotary_sin'})")
+    if cos is None:
+        return None
+    if k is None:  # as flash-attn: the rotary positions are those of the appended keys
+        raise ValueError(f"{_FN}: rotary_cos/rotary_sin need new k and v to append (the keys are rotated as they are written)")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        check_tensor(_FN, name, t, ndim=(2,))
+        if t.dtype != q.dtype:
+            raise ValueError(f"{_FN}: {name} must have q's dtype {q.dtype}; got {t.dtype}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"{_FN}: rotary_sin must have rotary_cos's shape {tuple(cos.shape)}; got {tuple(sin.shape)}")
+    check_same_device(_FN, q=q, rotary_cos=cos, rotary_sin=sin)
+    if not 2 <= 2 * cos.shape[1] <= q.shape[-1]:
+        raise ValueError(f"{_FN}: rotary_dim = 2 * rotary_cos.shape[1] = {2 * cos.shape[1]} must be in [2, head dim {q.shape[-1]}]")
+    return cos.shape[0]
+
+
+def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, rotary_len=None) -> Tuple[Tensor, int]:
     """Shapes, dtypes and ranges; returns (seqlens before the append as an int32 tensor, capacity)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(_FN, name, t, ndim=(4,))
@@ -198,7 +220,7 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         _check_int32("cache_seqlens", cache_seqlens, (b,), q.device)
         seqlens = cache_seqlens
     # one device->host read for every range check: nothing is written or launched on bad input
-    checks = [(seqlens < 0).any(), (seqlens + new > capacity).any()]
+    checks = [(seqlens < 0).any(), (seqlens + new > capacity).any(), (seqlens + new > (rotary_len or 0)).any()]
     if cache_batch_idx is not None:
         checks.append(((cache_batch_idx < 0) | (cache_batch_idx >= nb)).any())
     if block_table is not None and b > 0:
@@ -213,7 +235,10 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         what = f"k/v of length {new} do not fit" if new else "a sequence is longer than the cache"
         raise ValueError(f"{_FN}: cache_seqlens out of range: {what} (capacity {capacity} per sequence; "
                          f"cache_seqlens {seqlens.tolist()})")
-    if cache_batch_idx is not None and flags[2]:
+    if rotary_len is not None and flags[2]:
+        raise ValueError(f"{_FN}: rotary_cos/rotary_sin have {rotary_len} positions but the new keys reach position "
+                         f"{int((seqlens + new).max()) - 1} (cache_seqlens {seqlens.tolist()}, {new} new)")
+    if cache_batch_idx is not None and flags[3]:
         raise ValueError(f"{_FN}: cache_batch_idx must index the cache's {nb} sequences; got {cache_batch_idx.tolist()}")
     if block_table is not None and flags[-1]:
         raise ValueError(f"{_FN}: block_table holds page indices outside [0, {nb}) in the pages the sequences use")
@@ -239,6 +264,15 @@ def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, seqlens: Ten
 # --------------------------------------------------------------------------------------------
 # the public function
 # --------------------------------------------------------------------------------------------
+
+
+def _rotate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, seqlens: Tensor, interleaved: bool, causal: bool) -> Tuple[Tensor, Tensor]:
+    """flash-attn's positions: k at cache_seqlens + i; q too when causal, else every query at cache_seqlens."""
+    k = apply_rotary_emb(k, cos, sin, interleaved, seqlen_offsets=seqlens)
+    if causal:
+        return apply_rotary_emb(q, cos, sin, interleaved, seqlen_offsets=seqlens), k
+    b, sq, hq, d = q.shape  # the queries as heads of one position
+    return apply_rotary_emb(q.reshape(b, 1, sq * hq, d), cos, sin, interleaved, seqlen_offsets=seqlens).reshape(q.shape), k
 
 
 def flash_attn_with_kvcache(
@@ -278,23 +312,29 @@ def flash_attn_with_kvcache(
         num_splits: key splits of the split-KV kernel; 0 chooses from batch, heads, cache size and
             the SM count. The result does not depend on it beyond rounding.
         return_softmax_lse: also return the natural-log LSE, (B, Hq, Sq) float32.
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) in q's dtype, both or neither, as
+            flash-attn: the new k (required) is rotated at positions cache_seqlens[b] + i before it
+            is appended; q at cache_seqlens[b] + i when causal, else every query at cache_seqlens[b].
+            ``rotary_interleaved``: pairs (2i, 2i+1) (GPT-J, the default) or (i, i + rotary_dim/2).
+            Done by :func:`fastgpt.apply_rotary_emb` (the rotary op) before the append.
 
-    Not supported yet (NotImplementedError naming the argument): rotary_cos/rotary_sin,
-    window_size != (-1, -1), softcap != 0, alibi_slopes. Bad input (ranges, dtypes, shapes) raises
+    Not supported yet (NotImplementedError naming the argument): window_size != (-1, -1),
+    softcap != 0, alibi_slopes. Bad input (ranges, dtypes, shapes) raises
     ValueError/TypeError before anything is written to the cache.
     Returns out (B, Sq, Hq, Dv) in q's dtype (and the LSE).
     """
-    if rotary_cos is not None or rotary_sin is not None:
-        raise NotImplementedError(f"{_FN}: rotary_cos/rotary_sin are not supported yet (apply the rotary embedding to q and k first)")
     _unsupported("window_size", tuple(window_size), (-1, -1))
     _unsupported("softcap", float(softcap), 0.0)
     _unsupported("alibi_slopes", alibi_slopes, None)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"{_FN}: num_splits must be an int >= 0; got {num_splits!r}")
-    seqlens, _ = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+    rotary_len = _check_rotary(q, k, rotary_cos, rotary_sin)
+    seqlens, _ = _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, rotary_len)
     scale = _default_scale(softmax_scale, q.shape[-1])
     if k is not None:
         with torch.no_grad():
+            if rotary_len is not None:
+                q, k = _rotate(q, k, rotary_cos, rotary_sin, seqlens, bool(rotary_interleaved), bool(causal))
             _append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
         seqlens = seqlens + k.shape[1]
     out, lse = _decode(q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, bool(causal), scale, num_splits)
