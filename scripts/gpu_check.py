@@ -271,7 +271,7 @@ def run_plan(stages: Sequence[Stage], out_dir: str, total_budget_s: float = TOTA
 def tune_sweep() -> None:
     """Tune the attention kernels at S = 4096 (16K tokens, hidden 2048), d = 64 and 128, causal and not,
     bf16, forward and backward, within FASTGPT_TUNE_BUDGET_S per kernel: the tuning log is the evidence
-    for the default configs (kernels/flash_attention.py)."""
+    for the default configs (kernels/flash_attention_configs.py)."""
     import torch
 
     from fastgpt.kernels import flash_attention as fa

@@ -24,6 +24,7 @@ from fastgpt.testing import attention_oracle, check_against_torch, check_attenti
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
 from fastgpt.kernels import flash_attention as fa  # noqa: E402
+from fastgpt.kernels import flash_attention_configs as fa_configs  # noqa: E402
 
 ALL_KERNELS = {"fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"}
 
@@ -220,7 +221,7 @@ def test_causal_tile_bounds_hold_for_other_tile_shapes(tiles, device, monkeypatc
     tile skips, masks or takes whole) must hold for any BLOCK_M / BLOCK_N ratio."""
     if device.type == "cuda":
         pytest.skip("the interpreter's tile shapes; on a GPU test_gpu_every_config runs the real configs")
-    monkeypatch.setattr(fa, "INTERPRETER_CONFIGS", tiles)
+    monkeypatch.setattr(fa_configs, "INTERPRETER_CONFIGS", tiles)
     for case in (Case(sq=70, sk=150, d=16, heads=(2, 1), causal=True, dtype=torch.float32, batch=1),
                  Case(sq=150, sk=70, d=16, heads=(2, 1), causal=True, dtype=torch.float16, batch=1)):
         check_case(case, device)

@@ -11,6 +11,7 @@ import torch
 
 from fastgpt.kernels import _triton_utils as tu
 from fastgpt.kernels import flash_attention as fa
+from fastgpt.kernels import flash_attention_configs as fa_configs
 
 C = tu.Config
 
@@ -135,7 +136,8 @@ def test_per_arch_candidate_lists():
 
 
 def test_plans_take_the_arch_lists(monkeypatch):
-    monkeypatch.setattr(fa, "interpreter_active", lambda: False)  # the plans a GPU process builds
+    for module in (fa, fa_configs):  # the plans a GPU process builds
+        monkeypatch.setattr(module, "interpreter_active", lambda: False)
     q = torch.empty(2, 4, 256, 128, dtype=torch.bfloat16, device="meta")
     generic = fa.example_plans(q, q, q, True, arch=None)
     hopper = fa.example_plans(q, q, q, True, arch=90)
