@@ -69,6 +69,15 @@ def check_same_dtype(fn: str, **tensors: Optional[Tensor]) -> None:
             raise TypeError(f"{fn}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; expected the same dtype")
 
 
+def check_residual(fn: str, x: Tensor, residual: Tensor) -> None:
+    """A fused residual add's second operand: a tensor of x's shape, dtype and device."""
+    check_tensor(fn, "residual", residual)
+    check_same_dtype(fn, x=x, residual=residual)
+    check_same_device(fn, x=x, residual=residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"{fn}: residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
+
+
 def check_param_dtype(fn: str, name: str, p: Optional[Tensor], x: Tensor) -> None:
     """A norm's weight/bias: x's dtype, or float32 when x is float16/bfloat16 (autocast's layout)."""
     if p is None:

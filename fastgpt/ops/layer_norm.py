@@ -22,7 +22,7 @@ from torch import Tensor
 from fastgpt import reference
 from fastgpt.ops._cases import NORM_DISPATCH_SIZES, rowwise_gpu_shapes, rowwise_smoke_shapes
 from fastgpt.ops import _cuda_backend as cuda
-from fastgpt.ops._checks import HALF_DTYPES, check_int_shape, check_param_dtype, check_same_device, check_same_dtype, check_tensor
+from fastgpt.ops._checks import HALF_DTYPES, check_int_shape, check_param_dtype, check_residual, check_same_device, check_tensor
 from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
 from fastgpt.registry import OpCases, OpSpec, element_size, passes, register
 
@@ -262,11 +262,7 @@ def add_layer_norm(
     """
     fn = "fastgpt.add_layer_norm"
     check_tensor(fn, "x", x, min_ndim=1)
-    check_tensor(fn, "residual", residual)
-    check_same_dtype(fn, x=x, residual=residual)
-    check_same_device(fn, x=x, residual=residual)
-    if residual.shape != x.shape:
-        raise ValueError(f"{fn}: residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
+    check_residual(fn, x, residual)
     n = x.shape[-1]
     _check_params(fn, x, (n,), weight, bias)
     if _torch_exact(x, weight, bias) and reference_serves("add_layer_norm", x, cuda.constraint(x)):

@@ -21,7 +21,7 @@ from torch import Tensor
 from fastgpt import reference
 from fastgpt.ops import _triton_backend as triton
 from fastgpt.ops._cases import NORM_DISPATCH_SIZES, rowwise_gpu_shapes, rowwise_smoke_shapes
-from fastgpt.ops._checks import check_same_device, check_same_dtype, check_tensor
+from fastgpt.ops._checks import check_residual, check_tensor
 from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
 from fastgpt.ops.layer_norm import _as_rows, _check_params, _grad_or_empty, _normalized_shape, _param_grad_like
 from fastgpt.registry import OpCases, OpSpec, element_size, passes, register
@@ -214,11 +214,7 @@ def add_rms_norm(
     """
     fn = "fastgpt.add_rms_norm"
     check_tensor(fn, "x", x, min_ndim=1)
-    check_tensor(fn, "residual", residual)
-    check_same_dtype(fn, x=x, residual=residual)
-    check_same_device(fn, x=x, residual=residual)
-    if residual.shape != x.shape:
-        raise ValueError(f"{fn}: residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
+    check_residual(fn, x, residual)
     n = x.shape[-1]
     _check_params(fn, x, (n,), weight, None)
     eps = _options(fn, x, eps, weight_offset, cast_before_weight)
