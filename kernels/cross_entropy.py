@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._rounding import cast_out
 from ._triton_utils import Config, LaunchPlan, interpreter_active, launch, next_pow2
 
 __all__ = ["unsupported_reason", "forward", "forward_plan", "block_n", "SUPPORTED_DTYPES"]
@@ -37,15 +38,6 @@ __all__ = ["unsupported_reason", "forward", "forward_plan", "block_n", "SUPPORTE
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GPU_BLOCK = 4096  # 16 KiB of float32 per block in registers across 8 warps (not tuned: no GPU measured it)
 _INTERPRETER_BLOCK = 256  # small, so the CPU tests cross several blocks and a ragged last one
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """float32 rounded to the nearest bfloat16 (ties to even), still float32: the interpreter's own
-    float32 -> bfloat16 cast truncates, where a GPU rounds to nearest (only the interpreter runs this)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -94,9 +86,7 @@ def _cross_entropy_kernel(
             if HAS_SMOOTHING:
                 g -= smoothing / V
             g = tl.where(cols == t_safe, g - (1.0 - smoothing), g) * scale
-            if ROUND_BF16:
-                g = _round_to_bf16(g)
-            tl.store(dz_row + cols, g.to(DZ.dtype.element_ty), mask=mask)
+            tl.store(dz_row + cols, cast_out(g, DZ.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 def block_n(v: int) -> int:
