@@ -161,12 +161,14 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, reduction, label_smoothing)
 
 
-def _unit_upstream(reduction: str, dloss: Tensor, saved_grad: Tensor) -> bool:
+def _unit_upstream(reduction: str, dloss: Tensor, saved_grad: Tensor, compiled: bool) -> bool:
     """In eager mode, when the upstream gradient of a reduced loss is 1 (the usual ``loss.backward()``),
     the forward's gradients are the answer: returning them costs one scalar sync (as Liger-Kernel's
-    check does) instead of a scaled copy of dweight / dlogits. Under torch.compile the backward op
-    always runs (a custom op may not return its inputs)."""
-    if reduction == "none" or saved_grad.numel() == 0 or is_compiling() or dloss.device.type == "meta":
+    check does) instead of a scaled copy of dweight / dlogits. Under torch.compile (``compiled``: the
+    backward formula was handed the custom op) the backward op always runs: a custom op may not return
+    its inputs, and dloss is a traced tensor there (torch 2.11's AOT backward trace does not report
+    is_compiling(), so that check alone is not enough)."""
+    if compiled or reduction == "none" or saved_grad.numel() == 0 or is_compiling() or dloss.device.type == "meta":
         return False
     return bool(dloss == 1)
 
@@ -175,7 +177,7 @@ def _ce_backward(ctx, cross_entropy_bwd, dloss, _ddlogits):
     if dloss is None:
         return (None,) * 6
     logits, target, dlogits = ctx.saved_tensors
-    if _unit_upstream(ctx.args[1], dloss, dlogits):
+    if _unit_upstream(ctx.args[1], dloss, dlogits, cross_entropy_bwd is _cross_entropy.bwd_op):
         return dlogits, None, None, None, None, None
     return cross_entropy_bwd(dloss.contiguous(), logits, target, dlogits, *ctx.args), None, None, None, None, None
 
@@ -272,7 +274,8 @@ def _lce_backward(ctx, linear_cross_entropy_bwd, dloss, _dx, _dw, _db):
         return (None,) * 10
     x, weight, bias, target, dx, dw, db = ctx.saved_tensors
     _, reduction, _, need_dx, need_dw, need_db = ctx.args
-    if not (x.dtype == _cd(x) and _unit_upstream(reduction, dloss, dx if need_dx else dw)):  # 16-bit: rounded in the op
+    compiled = linear_cross_entropy_bwd is _linear_cross_entropy.bwd_op
+    if not (x.dtype == _cd(x) and _unit_upstream(reduction, dloss, dx if need_dx else dw, compiled)):  # 16-bit: rounded in the op
         dx, dw, db = linear_cross_entropy_bwd(dloss.contiguous(), x, weight, bias, target, dx, dw, db, *ctx.args)
     return (dx if need_dx else None), (dw if need_dw else None), (db if need_db and bias is not None else None), *(None,) * 7
 
