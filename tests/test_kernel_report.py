@@ -457,12 +457,18 @@ def test_decode_kernel_launches_are_reported_spill_free_at_the_roofline_target(r
     assert all(r["stack"] == 0 and r["stl"] == 0 and r["ldl"] == 0 for r in rows)
 
 
-def test_llama_ops_triton_kernels_are_in_the_report_spill_free_with_128_bit_accesses(report):
-    """RMSNorm, add + RMSNorm, SwiGLU and rotary (kernels/rms_norm.py, swiglu.py, rotary.py): every
-    pass compiled for sm_80 and sm_90, no spills, 128-bit global loads and stores (16-bit rows)."""
-    rows = [r for r in report["rows"] if r["op"] in ("rms_norm", "add_rms_norm", "swiglu", "rotary")]
+def test_row_wise_triton_kernels_are_in_the_report_spill_free_with_128_bit_accesses(report):
+    """RMSNorm, add + RMSNorm, SwiGLU, rotary and cross-entropy (every op whose registry entry has
+    ``report_launches``): every pass compiled for sm_80 and sm_90, no spills, 128-bit global loads and
+    stores (16-bit rows). Cross-entropy has one launch (loss and gradient); its backward is no kernel."""
+    from fastgpt import registry
+
+    passes = {"rms_norm": ("fwd", "bwd"), "add_rms_norm": ("fwd", "bwd"), "swiglu": ("fwd", "bwd"), "rotary": ("fwd", "bwd"),
+              "cross_entropy": ("fwd",)}
+    assert set(registry.names(lambda spec: spec.report_launches is not None)) == set(passes)
+    rows = [r for r in report["rows"] if r["op"] in passes]
     seen = {(r["op"], r["pass"], r["arch"]) for r in rows}
-    assert seen == {(op, p, a) for op in ("rms_norm", "add_rms_norm", "swiglu", "rotary") for p in ("fwd", "bwd") for a in (80, 90)}
+    assert seen == {(op, p, a) for op, ps in passes.items() for p in ps for a in (80, 90)}
     for r in rows:
         assert r["stack"] == 0 and r["stl"] == 0 and r["ldl"] == 0, r
         assert r["vector_path"] and r["ldg"].get(128) and r["stg"].get(128), r

@@ -25,7 +25,7 @@ from torch import Tensor
 from fastgpt import backends, reference
 from fastgpt.ops._checks import check_same_device, check_same_dtype, check_tensor, is_compiling
 from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
-from fastgpt.registry import OpSpec, register
+from fastgpt.registry import OpSpec, element_size, register
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "chunk_rows"]
 
@@ -401,6 +401,17 @@ def linear_cross_entropy(
 # --------------------------------------------------------------------------------------------
 from fastgpt.ops import _cross_entropy_cases as _cases  # noqa: E402  (needs the functions above)
 
+
+
+def _report_launches(t: int, v: int, dtype: torch.dtype):
+    """The registry's ``report_launches``: the kernel's one launch (loss and gradient of a training
+    step); its second pass over each row reads the logits again (counted as HBM traffic, no L2 credit).
+    The backward is not a kernel: it scales the saved gradient by the upstream one."""
+    from fastgpt.kernels import cross_entropy as kernels
+
+    return [(p, plan, float(t * v * element_size(dtype))) for p, plan in kernels.example_plans(t, v, dtype)]
+
+
 register(
     OpSpec(
         name="cross_entropy",
@@ -410,6 +421,9 @@ register(
         dims=("T", "V"),
         parity_dims=((33, 1000), (257, 5003)),
         dispatch_sizes={"tiny": (8, 64), "small": (256, 1024), "realistic": (512, 8192)},
+        report_shapes=((8192, 50304), (8192, 128256)),  # GPT-2's and Llama-3's vocabularies
+        report_launches=_report_launches,
+        report_hidden=False,
         cases=_cases.cross_entropy_cases(cross_entropy),
     )
 )
