@@ -364,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the modelled fraction of roofline to PATH (matplotlib)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: min(2, CPUs))")
     parser.add_argument("--no-cache", action="store_true", help="recompile instead of reusing $FASTGPT_CACHE_DIR/kernel_report")
-    parser.add_argument("--only", choices=("triton", "cuda"), help="only the Triton kernels (attention, RMSNorm, SwiGLU, rotary) or only the CUDA kernels")
+    parser.add_argument("--only", choices=("triton", "cuda"), help="only the Triton kernels (attention, RMSNorm, SwiGLU, rotary, cross-entropy) or only the CUDA kernels")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
