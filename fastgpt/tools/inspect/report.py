@@ -13,9 +13,10 @@ what that implies on an H100 and an A100:
   ``compiling.launch_specialization``). Compiles run in a pool of processes without
   TRITON_INTERPRET, and their readings are cached under ``$FASTGPT_CACHE_DIR/kernel_report``, keyed by
   the kernel's source hash, the specialisation, the config, the architecture and triton's version.
-* **Triton RMSNorm, SwiGLU, rotary** (kernels/rms_norm.py, swiglu.py, rotary.py): each kernel module's
-  ``example_plans`` (the launcher's own plan functions on meta tensors) compiled the same way, one
-  config per launch (these kernels are not tuned); see ``triton_ops``.
+* **Triton row-wise kernels** (RMSNorm, SwiGLU, rotary, cross-entropy: every op whose registry entry
+  has ``report_launches``): each kernel module's ``example_plans`` (the launcher's own plan functions
+  on meta tensors) compiled the same way, one config per launch (these kernels are not tuned); see
+  ``triton_ops``.
 * **CUDA layer norm / GELU** (csrc/): the kernels the C++ launchers pick (vector or scalar path, block
   and grid) come from running those launchers in a dry run of the CPU emulator of the test suite
   (fastgpt/tools/cuda_emu: the unmodified csrc/ compiled for the host; no kernel runs, the pointers are fake
