@@ -275,6 +275,7 @@ def linear_cross_entropy_chunked(
     need_dbias: bool,
     chunk: int,
     rows_fn=cross_entropy_rows,
+    dweight_in_weight_dtype: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Each row's loss of ``x @ weight.T + bias`` and the gradients of x, weight and bias, ``chunk`` rows at a time.
 
@@ -284,16 +285,18 @@ def linear_cross_entropy_chunked(
     flag is set. ``rows_fn(z, target, ignore_index, label_smoothing, grad_scale) -> (loss, dz)`` is
     the per-chunk cross-entropy (the Triton backend passes its kernel, which writes dz over z).
     The logits and their gradient meet x and weight in matmuls of x's dtype (as eager code's do);
-    dweight and dbias are summed over chunks in the compute dtype. Returns (loss (N,), dx (x's dtype),
-    dweight, dbias (both in the compute dtype: the caller rounds them once, after any scaling)),
-    None for a gradient not asked for.
+    dweight and dbias are summed over chunks in the compute dtype, or dweight in weight's own dtype
+    when ``dweight_in_weight_dtype`` (Liger-Kernel's memory trade: no float32 (V, D) buffer, one
+    rounding per chunk). Returns (loss (N,), dx (x's dtype), dweight, dbias (in the compute dtype, or
+    weight's for dweight as asked: the caller rounds them once, after any scaling)), None for a
+    gradient not asked for.
     """
     n, v = x.shape[0], weight.shape[0]
     cd = compute_dtype(x.dtype)
     need_grad = need_dx or need_dweight or need_dbias
     loss = torch.empty(n, dtype=cd, device=x.device)
     dx = torch.empty_like(x) if need_dx else None
-    dw = torch.zeros(weight.shape, dtype=cd, device=x.device) if need_dweight else None
+    dw = torch.zeros(weight.shape, dtype=weight.dtype if dweight_in_weight_dtype else cd, device=x.device) if need_dweight else None
     db = torch.zeros(v, dtype=cd, device=x.device) if need_dbias else None
     wt = weight.t()
     for c0 in range(0, n, chunk):
@@ -315,7 +318,7 @@ def linear_cross_entropy_chunked(
             torch.mm(gx, weight, out=dx[c0:c1])
         if dw is not None:
             if dw.dtype == x.dtype:
-                dw.addmm_(gx.t(), xc)
+                dw.addmm_(gx.t(), xc)  # float32 sum inside the GEMM, rounded to x's dtype once per chunk
             elif x.device.type != "cuda":
                 dw.addmm_(g.t().to(cd), xc.to(cd))  # a float32 GEMM costs a CPU no more; no (V, D) temporary
             else:

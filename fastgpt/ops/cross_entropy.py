@@ -190,23 +190,24 @@ _cross_entropy = FastgptOp(
 # ---- linear_cross_entropy --------------------------------------------------------------------
 
 
-def _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_dx, need_dw, need_db):
+def _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_dx, need_dw, need_db, dw_in_w_dtype):
     rows_fn = _rows_fn("linear_cross_entropy", x)
     chunk = chunk_rows(x.shape[0], weight.shape[0], x.shape[1])
     return reference.linear_cross_entropy_chunked(
-        x, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_dx, need_dw, need_db, chunk, rows_fn
+        x, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_dx, need_dw, need_db, chunk, rows_fn,
+        dweight_in_weight_dtype=dw_in_w_dtype,
     )
 
 
 def _lce_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, reduction: str,
-    label_smoothing: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
+    label_smoothing: float, need_dx: bool, need_dweight: bool, need_dbias: bool, dweight_in_weight_dtype: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     cd = reference.compute_dtype(x.dtype)
     now = reduction != "none"  # 'none' needs the per-row upstream gradient: computed in the backward
     flags = (need_dx and now, need_dweight and now, need_dbias and now and bias is not None)
     scale = _grad_scale(target, ignore_index, reduction, cd) if any(flags) else None
-    loss, dx, dw, db = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, *flags)
+    loss, dx, dw, db = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, *flags, dweight_in_weight_dtype)
     # dweight and dbias stay in the compute dtype until the backward has scaled them: one rounding
     return (
         _reduce(loss, target, ignore_index, reduction, x.dtype),
@@ -216,12 +217,14 @@ def _lce_fwd(
     )
 
 
-def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dweight, need_dbias):
+def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dweight, need_dbias,
+                  dweight_in_weight_dtype):
     now = reduction != "none"
+    dw_dtype = weight.dtype if dweight_in_weight_dtype else _cd(weight)
     return (
         _loss_fake(x.shape[0], x, reduction),
         torch.empty_like(x) if need_dx and now else _empty(x),
-        torch.empty_like(weight, dtype=_cd(weight)) if need_dweight and now else _empty(weight),
+        torch.empty_like(weight, dtype=dw_dtype) if need_dweight and now else _empty(weight),
         weight.new_empty(weight.shape[0], dtype=_cd(weight)) if need_dbias and now and bias is not None else _empty(weight),
     )
 
@@ -229,12 +232,14 @@ def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, label_smooth
 def _lce_bwd(
     dloss: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, dx: Tensor, dweight: Tensor,
     dbias: Tensor, ignore_index: int, reduction: str, label_smoothing: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
+    dweight_in_weight_dtype: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     need_dbias = need_dbias and bias is not None
     cd = reference.compute_dtype(x.dtype)
     if reduction == "none":
         scale = _grad_scale(target, ignore_index, reduction, cd, dloss)
-        _, dx, dweight, dbias = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, need_dx, need_dweight, need_dbias)
+        _, dx, dweight, dbias = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, need_dx, need_dweight,
+                                             need_dbias, dweight_in_weight_dtype)
         s = None
     else:
         s = dloss.to(cd)
@@ -246,11 +251,17 @@ def _lce_bwd(
             out.append(_empty(x))
             continue
         # a fresh tensor: a custom op may not return its inputs (the saved gradients)
-        out.append(g.to(like.dtype, copy=reduction != "none") if s is None else (g.to(cd) * s).to(like.dtype))
+        if s is None:
+            out.append(g.to(like.dtype, copy=reduction != "none"))
+        elif g.dtype == like.dtype:  # dweight kept in weight's dtype: scaled in float32 per element, no float32 copy
+            out.append(g * s)
+        else:
+            out.append((g.to(cd) * s).to(like.dtype))
     return tuple(out)
 
 
-def _lce_bwd_fake(dloss, x, weight, bias, target, dx, dweight, dbias, ignore_index, reduction, label_smoothing, need_dx, need_dweight, need_dbias):
+def _lce_bwd_fake(dloss, x, weight, bias, target, dx, dweight, dbias, ignore_index, reduction, label_smoothing, need_dx, need_dweight,
+                  need_dbias, dweight_in_weight_dtype):
     return (
         torch.empty_like(x) if need_dx else _empty(x),
         torch.empty_like(weight) if need_dweight else _empty(weight),
@@ -263,21 +274,25 @@ def _cd(t: Tensor) -> torch.dtype:
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db = inputs
+    x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db, dw_in_w_dtype = inputs
     _, dx, dw, db = output
     ctx.save_for_backward(x, weight, bias, target, dx, dw, db)
-    ctx.args = (ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db)
+    ctx.args = (ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db, dw_in_w_dtype)
 
 
 def _lce_backward(ctx, linear_cross_entropy_bwd, dloss, _dx, _dw, _db):
     if dloss is None:
-        return (None,) * 10
+        return (None,) * 11
     x, weight, bias, target, dx, dw, db = ctx.saved_tensors
-    _, reduction, _, need_dx, need_dw, need_db = ctx.args
+    _, reduction, _, need_dx, need_dw, need_db, dw_in_w_dtype = ctx.args
+    need_db = need_db and bias is not None
+    # the forward's gradients are final when each is in its tensor's dtype (16-bit float32 sums are
+    # rounded in the backward op): float32 inputs, or dweight kept in weight's dtype and no dbias
+    final = x.dtype == _cd(x) or (dw_in_w_dtype and not need_db)
     compiled = linear_cross_entropy_bwd is _linear_cross_entropy.bwd_op
-    if not (x.dtype == _cd(x) and _unit_upstream(reduction, dloss, dx if need_dx else dw, compiled)):  # 16-bit: rounded in the op
+    if not (final and _unit_upstream(reduction, dloss, dx if need_dx else dw, compiled)):
         dx, dw, db = linear_cross_entropy_bwd(dloss.contiguous(), x, weight, bias, target, dx, dw, db, *ctx.args)
-    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db and bias is not None else None), *(None,) * 7
+    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), *(None,) * 8
 
 
 _linear_cross_entropy = FastgptOp(
@@ -360,6 +375,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    accum_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``cross_entropy(x @ weight.T + bias, target, ...)`` without ever holding the (tokens x V) logits.
 
@@ -367,8 +383,14 @@ def linear_cross_entropy(
     :func:`cross_entropy`, with the same semantics). The logits are computed chunk by chunk over the
     tokens (:func:`chunk_rows`: a chunk's logits about the size of x); for reductions "mean" and "sum"
     the gradients of x, weight and bias are computed in the same pass when they are needed, so the
-    backward only scales them; for "none" the backward recomputes the chunks. dweight and dbias are
-    summed over chunks in float32 for 16-bit weights. Returns the loss in x's dtype.
+    backward only scales them; for "none" the backward recomputes the chunks. Returns the loss in x's dtype.
+
+    ``accum_dtype``: the dtype dweight is summed in across chunks. None (default) or torch.float32:
+    float32 for 16-bit weights (within the parity rule of eager's one GEMM), which costs a (V, D) float32
+    buffer (4*V*D bytes, twice a bfloat16 weight: at D=4096 more than eager's logits). The weight's
+    own dtype (e.g. torch.bfloat16): no such buffer, one rounding per chunk instead (what
+    Liger-Kernel does by default; its error grows with the number of chunks). dbias is always summed
+    in float32.
     """
     fn = "fastgpt.linear_cross_entropy"
     check_tensor(fn, "x", x, min_ndim=1)
@@ -386,12 +408,15 @@ def linear_cross_entropy(
     check_same_dtype(fn, x=x, weight=weight, bias=bias)
     _check_target(fn, target, x.shape[:-1], v, ignore_index, "x's shape without its last dim")
     check_same_device(fn, x=x, weight=weight, bias=bias, target=target)
+    cd = reference.compute_dtype(weight.dtype)
+    if accum_dtype is not None and accum_dtype not in (cd, weight.dtype):
+        raise ValueError(f"{fn}: accum_dtype must be None, {cd} or weight's dtype {weight.dtype}; got {accum_dtype!r}")
     grad = torch.is_grad_enabled()
     need = (grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
     x2 = x.reshape(-1, d).contiguous()
     loss, *_ = _linear_cross_entropy(
         x2, weight.contiguous(), None if bias is None else bias.contiguous(), target.reshape(-1).contiguous(),
-        int(ignore_index), reduction, float(label_smoothing), *need,
+        int(ignore_index), reduction, float(label_smoothing), *need, accum_dtype is not None and accum_dtype != cd,
     )
     return loss.view(target.shape) if reduction == "none" else loss
 
