@@ -441,3 +441,18 @@ def test_plain_backward_of_the_mean_loss_meets_the_parity_rule(backend, dtype, d
     for name, o, b, r in zip(("dx", "dweight"), ours, base, ref):
         assert o.dtype == dtype
         assert_parity(name, o, r, b, gradient=True)
+
+
+def test_linear_cross_entropy_loss_dtype_keeps_the_float32_sums():
+    """loss_dtype=float32 on 16-bit x returns the float32 sums the default rounds to x's dtype (once)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 16, generator=g).bfloat16(), torch.randn(40, 16, generator=g).bfloat16()
+    t = torch.randint(0, 40, (9,), generator=g)
+    for reduction in ("mean", "sum", "none"):
+        wide = fastgpt.linear_cross_entropy(x, w, t, reduction=reduction, loss_dtype=torch.float32)
+        assert wide.dtype == torch.float32
+        assert torch.equal(fastgpt.linear_cross_entropy(x, w, t, reduction=reduction), wide.bfloat16())
+        want = F.cross_entropy((x @ w.t()).double(), t, reduction=reduction)  # the logits meet in bf16, as eager code's
+        assert (wide.double() - want).abs().max() < 1e-5 * want.abs().max()
+    with pytest.raises(TypeError, match="loss_dtype must be None or a floating torch.dtype"):
+        fastgpt.linear_cross_entropy(x, w, t, loss_dtype=torch.int64)

@@ -108,8 +108,8 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY_SHAPE)
 
 
-def _loss_fake(rows: int, like: Tensor, reduction: str) -> Tensor:
-    return like.new_empty((rows,) if reduction == "none" else ())
+def _loss_fake(rows: int, like: Tensor, reduction: str, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return like.new_empty((rows,) if reduction == "none" else (), dtype=dtype)
 
 
 # ---- cross_entropy ---------------------------------------------------------------------------
@@ -208,9 +208,10 @@ def _lce_fwd(
     flags = (need_dx and now, need_dweight and now, need_dbias and now and bias is not None)
     scale = _grad_scale(target, ignore_index, reduction, cd) if any(flags) else None
     loss, dx, dw, db = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, *flags, dweight_in_weight_dtype)
-    # dweight and dbias stay in the compute dtype until the backward has scaled them: one rounding
+    # dweight and dbias stay in the compute dtype until the backward has scaled them: one rounding;
+    # the loss too (linear_cross_entropy rounds it to its loss_dtype)
     return (
-        _reduce(loss, target, ignore_index, reduction, x.dtype),
+        _reduce(loss, target, ignore_index, reduction, cd),
         dx if dx is not None else _empty(x),
         dw if dw is not None else _empty(weight),
         db if db is not None else _empty(weight),
@@ -222,7 +223,7 @@ def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, label_smooth
     now = reduction != "none"
     dw_dtype = weight.dtype if dweight_in_weight_dtype else _cd(weight)
     return (
-        _loss_fake(x.shape[0], x, reduction),
+        _loss_fake(x.shape[0], x, reduction, _cd(x)),
         torch.empty_like(x) if need_dx and now else _empty(x),
         torch.empty_like(weight, dtype=dw_dtype) if need_dweight and now else _empty(weight),
         weight.new_empty(weight.shape[0], dtype=_cd(weight)) if need_dbias and now and bias is not None else _empty(weight),
@@ -375,6 +376,8 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    loss_dtype: Optional[torch.dtype] = None,
     accum_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``cross_entropy(x @ weight.T + bias, target, ...)`` without ever holding the (tokens x V) logits.
@@ -383,7 +386,9 @@ def linear_cross_entropy(
     :func:`cross_entropy`, with the same semantics). The logits are computed chunk by chunk over the
     tokens (:func:`chunk_rows`: a chunk's logits about the size of x); for reductions "mean" and "sum"
     the gradients of x, weight and bias are computed in the same pass when they are needed, so the
-    backward only scales them; for "none" the backward recomputes the chunks. Returns the loss in x's dtype.
+    backward only scales them; for "none" the backward recomputes the chunks. Returns the loss in x's
+    dtype, or in ``loss_dtype`` (a floating dtype) rounded once from the float32 sums: ``torch.float32``
+    for 16-bit x is the loss Hugging Face's causal LMs report (they upcast the logits before the loss).
 
     ``accum_dtype``: the dtype dweight is summed in across chunks. None (default) or torch.float32:
     float32 for 16-bit weights (within the parity rule of eager's one GEMM), which costs a (V, D) float32
@@ -408,6 +413,8 @@ def linear_cross_entropy(
     check_same_dtype(fn, x=x, weight=weight, bias=bias)
     _check_target(fn, target, x.shape[:-1], v, ignore_index, "x's shape without its last dim")
     check_same_device(fn, x=x, weight=weight, bias=bias, target=target)
+    if loss_dtype is not None and not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point):
+        raise TypeError(f"{fn}: loss_dtype must be None or a floating torch.dtype; got {loss_dtype!r}")
     cd = reference.compute_dtype(weight.dtype)
     if accum_dtype is not None and accum_dtype not in (cd, weight.dtype):
         raise ValueError(f"{fn}: accum_dtype must be None, {cd} or weight's dtype {weight.dtype}; got {accum_dtype!r}")
@@ -418,6 +425,7 @@ def linear_cross_entropy(
         x2, weight.contiguous(), None if bias is None else bias.contiguous(), target.reshape(-1).contiguous(),
         int(ignore_index), reduction, float(label_smoothing), *need, accum_dtype is not None and accum_dtype != cd,
     )
+    loss = loss.to(loss_dtype or x.dtype)
     return loss.view(target.shape) if reduction == "none" else loss
 
 
@@ -459,6 +467,7 @@ register(
         functions=(linear_cross_entropy,),
         backends=("triton",),
         custom_ops=(_linear_cross_entropy,),
+        patchable=True,
         dims=("T", "V", "D"),
         parity_dims=((33, 1000, 16), (257, 5003, 64)),
         dispatch_sizes={"tiny": (8, 64, 16), "small": (256, 1024, 64), "realistic": (256, 8192, 128)},

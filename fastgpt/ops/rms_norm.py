@@ -317,6 +317,7 @@ register(
         functions=(rms_norm,),
         backends=("triton",),
         custom_ops=(_rms_norm,),
+        patchable=True,
         parity_dims=((33, 96), (1000, 4099)),
         dispatch_sizes=NORM_DISPATCH_SIZES,
         report_shapes=_WIDE,

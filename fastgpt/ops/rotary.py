@@ -275,6 +275,7 @@ register(
         functions=(apply_rotary_emb, apply_rotary_emb_qk, apply_rotary_pos_emb),
         backends=("triton",),
         custom_ops=(_rotary,),
+        patchable=True,
         parity_dims=((17, 64), (1000, 768)),
         dispatch_sizes=NORM_DISPATCH_SIZES,
         report_launches=_report_launches,

@@ -123,6 +123,7 @@ register(
         functions=(swiglu,),
         backends=("triton",),
         custom_ops=(_swiglu,),
+        patchable=True,
         parity_dims=((33, 96), (1000, 4099)),
         dispatch_sizes=MLP_DISPATCH_SIZES,
         report_launches=lambda m, n, dtype: [(p, plan, 0.0) for p, plan in triton.kernels(_KERNELS).example_plans(m, n, dtype)],
