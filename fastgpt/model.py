@@ -319,7 +319,7 @@ class GPT(nn.Module):
         min(block_size, T + max_new_tokens) positions per layer, of n_kv_head heads.
         """
         bs = self.config.block_size
-        capacity = min(bs, idx.shape[1] + max_new_tokens)
+        capacity = max(1, min(bs, idx.shape[1] + max_new_tokens))
         caches = [KVCache(capacity) for _ in self.transformer.h] if use_cache and len(self.transformer.h) else None
         for _ in range(max_new_tokens):
             if caches is not None and caches[0].length == 0:

@@ -286,3 +286,31 @@ def test_from_hf_mistral_window_bounds_the_block_size_and_bad_arguments_raise():
     base = hf_model("llama").model  # a LlamaModel: untied embeddings and no lm_head
     with pytest.raises(ValueError, match="no lm_head"):
         GPT.from_hf(base)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_model_on_the_kernels_matches_transformers_within_parity(device, dtype):
+    """From a 16-bit LlamaForCausalLM (the plain-torch base): loss, logits and every gradient with every op on
+    its kernel (the GPU, or TRITON_INTERPRET=1 on CPU), strict: no fallback."""
+    from fastgpt import backends
+
+    if backends.backend_unavailable_reason("triton", device) is not None:
+        pytest.skip(f"triton cannot run on {device} tensors here: {backends.backend_unavailable_reason('triton', device)}")
+    hf = hf_model("llama", hidden_size=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                  intermediate_size=48, vocab_size=40).to(device)
+    hf64, hf = copy.deepcopy(hf).double(), hf.to(dtype)
+    gpt = GPT.from_hf(hf)
+    idx = tokens(2, 9, vocab=40).to(device)
+    (out, base), (ref, ref_g) = hf_grads(hf, idx), hf_grads(hf64, idx)
+    with fastgpt.use_backend("triton", strict=True):
+        _, loss = gpt(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        with torch.no_grad():
+            gpt.fused_loss = False
+            logits = gpt(idx[:, :-1], idx[:, 1:])[0]
+    assert_parity("16-bit loss", loss.detach(), ref.loss.detach(), out.loss.detach().to(dtype))
+    assert_parity("16-bit logits", logits, ref.logits[:, :-1].detach(), out.logits[:, :-1].detach())
+    key_map = llama_key_map(gpt.config)
+    for name, p in gpt.named_parameters():
+        g_base, g_ref = (torch.cat([g[h] for h in key_map[name]]) for g in (base, ref_g))
+        assert_parity(f"16-bit grad {name}", p.grad, g_ref, g_base, gradient=True)
