@@ -202,7 +202,7 @@ class GPT(nn.Module):
 
     @property
     def use_fused_ops(self) -> bool:
-        """Fuse bias + GELU and residual add + layer norm (default True); False runs the plain formulation."""
+        """Fuse bias + GELU and residual add + norm (default True); False runs the plain formulation."""
         return all(b.use_fused_ops for b in self.transformer.h) if len(self.transformer.h) else True
 
     @use_fused_ops.setter
@@ -264,9 +264,8 @@ class GPT(nn.Module):
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             rope = rope_tables(start, t, self.config.head_dim, self.config.rope_theta, idx.device, dtype)
         x = self.transformer.drop(x)
-        pending = None
+        pending, kw = None, ({} if rope is None else {"rope": rope})
         for i, block in enumerate(self.transformer.h):
-            kw = {} if rope is None else {"rope": rope}
             x, pending = block(x, caches[i] if caches else None, pending=pending, defer_residual=True, **kw)
         if pending is None:
             return self.transformer.ln_f(x)

@@ -29,7 +29,8 @@ def _plain_linear(m: nn.Module) -> bool:
 
 
 def _fusable_norm(m: nn.Module) -> Optional[str]:
-    """"layer" or "rms" when m is fastgpt's own norm over the last dim, without hooks; else None."""
+    """The kind of fused add + norm m allows: "layer" or "rms" for fastgpt's own norms over the last
+    dim without hooks, else None."""
     if m._forward_hooks or m._forward_pre_hooks or len(getattr(m, "normalized_shape", ())) != 1:
         return None
     return {LayerNorm: "layer", RMSNorm: "rms"}.get(type(m))
