@@ -246,7 +246,8 @@ class GPT(nn.Module):
         elif x.dtype != w.dtype:
             x = x.to(w.dtype)
         with torch.autocast(device, enabled=False):  # the op's own matmuls keep the dtype chosen here
-            return fastgpt.linear_cross_entropy(x, w, targets, ignore_index=-1)
+            # a float32 loss, as F.cross_entropy gives under autocast (it runs in float32 there)
+            return fastgpt.linear_cross_entropy(x, w, targets, ignore_index=-1, loss_dtype=torch.float32)
 
     def _hidden(self, idx: Tensor, caches: Optional[List[KVCache]]) -> Tensor:
         """Final hidden states (B, T, n_embd) of idx (B, T); with caches, idx continues the cached positions."""

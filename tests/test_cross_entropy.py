@@ -167,7 +167,10 @@ def test_no_gradient_needed_computes_none(monkeypatch):
 
 
 def test_chunk_rows_keeps_a_chunk_of_logits_about_the_size_of_x():
-    assert ce_mod.chunk_rows(8192, 50304, 768) == math.ceil(8192 / math.ceil(50304 / 768))
+    assert ce_mod.chunk_rows(8192, 50304, 768) == max(math.ceil(8192 / math.ceil(50304 / 768)), ce_mod.CHUNK_MIN_ROWS)
+    assert ce_mod.chunk_rows(8192, 50304, 8192) == math.ceil(8192 / math.ceil(50304 / 8192))
+    assert ce_mod.chunk_rows(8192, 50304, 64) == max(8192 // 787 + 1, ce_mod.CHUNK_MIN_BYTES // (4 * 50304), 64)
+    assert ce_mod.chunk_rows(100, 50304, 768) == 100
     assert ce_mod.chunk_rows(8192, 128256, 4096) * 128256 <= 8192 * 4096 * 1.1
     assert ce_mod.chunk_rows(1, 10**6, 8) == 1
     assert ce_mod.chunk_rows(10**6, 2**20, 2**20) * 4 * 2**20 <= ce_mod.CHUNK_MAX_BYTES
