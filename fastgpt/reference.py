@@ -28,6 +28,8 @@ __all__ = [
     "causal_mask",
     "attention_forward",
     "attention_backward",
+    "varlen_attention_forward",
+    "varlen_attention_backward",
     "cross_entropy_rows",
     "linear_cross_entropy_chunked",
     "layer_norm_forward",
@@ -224,6 +226,53 @@ def attention_backward(
     dk = _sum_groups(torch.matmul(ds.transpose(-2, -1), torch.where(torch.isnan(q_c), zero, q_c)) * scale, hk)
     dv = _sum_groups(torch.matmul(p.transpose(-2, -1), do_c), hk)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _spans(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor):
+    """(q0, q1, k0, k1) token ranges of each packed sequence (one device-to-host read each)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
+
+
+def _as_bhsd(t: Tensor, start: int, end: int) -> Tensor:
+    """Tokens [start, end) of a packed (T, H, D) tensor as a (1, H, S, D) view."""
+    return t[start:end].transpose(0, 1).unsqueeze(0)
+
+
+def varlen_attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                             is_causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """Attention over packed sequences: :func:`attention_forward` on each sequence in turn.
+
+    q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides; sequence b is tokens
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v (int32,
+    (B+1,)); the causal mask is bottom-right aligned within each sequence. Returns out (Tq, Hq, Dv)
+    in q's dtype and lse (Hq, Tq) in :func:`stats_dtype`; a sequence with no key gives 0 and -inf.
+    """
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=stats_dtype(q.dtype), device=q.device)
+    for q0, q1, k0, k1 in _spans(cu_seqlens_q, cu_seqlens_k):
+        if q1 > q0 and k1 > k0:
+            o, l = attention_forward(_as_bhsd(q, q0, q1), _as_bhsd(k, k0, k1), _as_bhsd(v, k0, k1), is_causal, scale)
+            out[q0:q1] = o[0].transpose(0, 1)
+            lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def varlen_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, is_causal: bool,
+                              scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`varlen_attention_forward` (``dlse``: None or (Hq, Tq)), sequence by sequence
+    through :func:`attention_backward`. Returns dq, dk, dv packed like q, k, v (contiguous)."""
+    dq, dk, dv = torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
+        k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format)
+    for q0, q1, k0, k1 in _spans(cu_seqlens_q, cu_seqlens_k):
+        if q1 > q0 and k1 > k0:
+            dl = None if dlse is None else dlse[:, q0:q1].unsqueeze(0)
+            grads = attention_backward(_as_bhsd(dout, q0, q1), _as_bhsd(q, q0, q1), _as_bhsd(k, k0, k1), _as_bhsd(v, k0, k1),
+                                       _as_bhsd(out, q0, q1), lse[:, q0:q1].unsqueeze(0), dl, is_causal, scale)
+            for dst, src, a, b in zip((dq, dk, dv), grads, (q0, k0, k0), (q1, k1, k1)):
+                dst[a:b] = src[0].transpose(0, 1)
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,14 @@ The ``triton`` backend of :mod:`fastgpt.ops.attention`, through three functions:
     forward(q, k, v, out, lse, is_causal, scale) -> None
     backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale) -> None
 
+and of :mod:`fastgpt.ops.varlen_attention` (packed sequences, flash-attn's varlen layout) through
+``varlen_unsupported_reason``, ``varlen_forward`` and ``varlen_backward``: the same kernels with the
+``VARLEN`` constexpr, one launch per pass for the whole batch. Each program takes its sequence b
+from the grid and reads its first token and length from the int32 cu_seqlens (``_seq_span``) before
+the bound logic, which then sees that sequence's Sq and Sk; packed (T, H, D) tensors are passed with
+their token stride as the batch stride, so a sequence starts at cu_seqlens[b] x that stride. The
+grid has cdiv(max_seqlen, BLOCK) tiles per sequence; tiles past a sequence's end exit at once.
+
 Tensors are logical (B, H, S, D) views with arbitrary strides (every stride is passed to the
 kernels; nothing is copied or transposed): q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv),
 out/dout (B, Hq, Sq, Dv), lse/dlse (B, Hq, Sq) float32 natural-log. Hq % Hk == 0 and query head h
@@ -41,7 +49,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -69,6 +77,10 @@ __all__ = [
     "unsupported_reason",
     "forward",
     "backward",
+    "varlen_unsupported_reason",
+    "varlen_forward",
+    "varlen_backward",
+    "Seqs",
     "CONFIGS",
     "CONFIGS_FP32",
     "INTERPRETER_CONFIGS",
@@ -172,13 +184,38 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _seq_span(Cu, b, S, VARLEN: tl.constexpr):
+    """(index, length) of sequence b: its first row in units of the tensors' batch strides, and its
+    length. Dense: (b, S). VARLEN (packed tokens, whose "batch" strides are the token strides, see
+    _strides): (cu[b], cu[b+1] - cu[b]), read from the int32 cu_seqlens ``Cu``."""
+    if VARLEN:
+        start = tl.load(Cu + b)
+        return start, tl.load(Cu + b + 1) - start
+    else:
+        return b, S
+
+
+@triton.jit
+def _scratch_row(bh, h, b, Sq, TQ, VARLEN: tl.constexpr):
+    """Offset of row 0 of (batch, head) bh in the float32 delta / lse2 scratch: (B, Hq, Sq) dense,
+    (Hq, TQ) packed (b: the sequence's first token, TQ: the total number of query tokens)."""
+    if VARLEN:
+        return h.to(tl.int64) * TQ + b
+    else:
+        return bh.to(tl.int64) * Sq
+
+
+@triton.jit
+def _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
     """The query tile of this program (forward and dQ kernels) and the key range it visits.
 
-    Returns (bh, b, h, hk, m0, causal_offset, full, hi): the (batch, head) index and its parts, hk
-    the kv head of query head h (GQA), m0 the tile's first row; key tiles [0, full) are visible to
-    every row of the tile, [full, hi) need the causal mask. Causal grids run the longest rows first
-    (better tail balance).
+    Returns (bh, b, bk, h, hk, m0, Sq, Sk, causal_offset, full, hi): the (batch, head) index bh,
+    the indices of the sequence's first query and key rows (b, bk: see _seq_span) and its lengths,
+    h and hk the query head and its kv head (GQA), m0 the tile's first row; key tiles [0, full) are
+    visible to every row of the tile, [full, hi) need the causal mask. Causal grids run the longest
+    rows first (better tail balance). VARLEN: Sq, Sk come in as the longest lengths (the grid has
+    that many tiles per sequence) and go out as this sequence's; tiles with m0 >= Sq have no rows.
     """
     pid = tl.program_id(0)
     n_m_tiles = tl.cdiv(Sq, BLOCK_M)
@@ -188,6 +225,8 @@ def _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
         tile = n_m_tiles - 1 - tile
     h = bh % Hq
     m0 = tile * BLOCK_M
+    b, Sq = _seq_span(CuQ, bh // Hq, Sq, VARLEN)
+    bk, Sk = _seq_span(CuK, bh // Hq, Sk, VARLEN)
     causal_offset = Sk - Sq
     if IS_CAUSAL:
         hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset), 0)
@@ -195,7 +234,7 @@ def _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
     else:
         hi = Sk
         full = Sk // BLOCK_N * BLOCK_N
-    return bh, bh // Hq, h, h // GROUP, m0, causal_offset, full, hi
+    return bh, b, bk, h, h // GROUP, m0, Sq, Sk, causal_offset, full, hi
 
 
 @triton.jit
@@ -241,19 +280,23 @@ def _attn_fwd_kernel(
     svb, svh, svs, svd,
     sob, soh, sos, sod,
     slb, slh, sls,
-    Hq, GROUP, Sq, Sk, qk_scale,
-    IS_CAUSAL: tl.constexpr,
+    Hq, GROUP, Sq, Sk, qk_scale, CuQ, CuK,
+    IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh, b, h, hk, m0, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    bh, b, bk, h, hk, m0, Sq, Sk, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL, VARLEN,
+                                                                    BLOCK_M, BLOCK_N)
+    if VARLEN:
+        if m0 >= Sq:
+            return  # a tile past the end of a sequence shorter than the longest
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)
-    v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
+    k_base = _head_ptr(K, bk, skb, hk, skh, ALIGN)
+    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)
     q = _load_tile(_head_ptr(Q, b, sqb, h, sqh, ALIGN), offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
 
@@ -288,18 +331,21 @@ def _attn_bwd_preprocess_kernel(
     sdob, sdoh, sdos, sdod,
     slb, slh, sls,
     sdlb, sdlh, sdls,
-    Hq, Sq,
-    HAS_DLSE: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    Hq, Sq, CuQ, TQ,
+    HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf for rows that saw no key, so
-    that P = exp2(s - lse2) is 0 there), both (B, Hq, Sq) contiguous float32."""
+    that P = exp2(s - lse2) is 0 there), both (B, Hq, Sq) contiguous float32 ((Hq, TQ) with VARLEN)."""
     pid = tl.program_id(0)
     n_m_tiles = tl.cdiv(Sq, BLOCK_M)
     bh = pid // n_m_tiles
     tile = pid % n_m_tiles
-    b = bh // Hq
+    b, Sq = _seq_span(CuQ, bh // Hq, Sq, VARLEN)
     h = bh % Hq
+    if VARLEN:
+        if tile * BLOCK_M >= Sq:
+            return
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Sq
@@ -318,7 +364,7 @@ def _attn_bwd_preprocess_kernel(
     # score: its P = exp2(s - lse2) would vanish. Step 4 ulps down there; P is clamped at 1.
     lse2 = tl.where(tl.abs(lse2) >= 8388608.0, lse2 - tl.abs(lse2) * 4.8e-7, lse2)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
-    row = bh.to(tl.int64) * Sq + offs_m
+    row = _scratch_row(bh, h, b, Sq, TQ, VARLEN) + offs_m
     tl.store(Delta + row, delta, mask=row_ok)
     tl.store(Lse2 + row, lse2, mask=row_ok)
 
@@ -368,8 +414,8 @@ def _attn_bwd_dkdv_kernel(
     sdob, sdoh, sdos, sdod,
     sdkb, sdkh, sdks, sdkd,
     sdvb, sdvh, sdvs, sdvd,
-    Hk, GROUP, Sq, Sk, scale, qk_scale,
-    IS_CAUSAL: tl.constexpr,
+    Hk, GROUP, Sq, Sk, scale, qk_scale, CuQ, CuK, TQ,
+    IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -378,16 +424,20 @@ def _attn_bwd_dkdv_kernel(
     n_n_tiles = tl.cdiv(Sk, BLOCK_N)
     bhk = pid // n_n_tiles
     tile = pid % n_n_tiles
-    b = bhk // Hk
+    b, Sq = _seq_span(CuQ, bhk // Hk, Sq, VARLEN)  # see _q_tile: per-sequence lengths with VARLEN
+    bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)
     hk = bhk % Hk
     n0 = tile * BLOCK_N
+    if VARLEN:
+        if n0 >= Sk:
+            return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k = _load_tile(_head_ptr(K, b, skb, hk, skh, ALIGN), offs_n, sks, offs_d, skd, Sk, HEAD_DIM,
+    k = _load_tile(_head_ptr(K, bk, skb, hk, skh, ALIGN), offs_n, sks, offs_d, skd, Sk, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
-    v = _load_tile(_head_ptr(V, b, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
+    v = _load_tile(_head_ptr(V, bk, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
                    True, HEAD_DIM_V != BLOCK_DV, ALIGN)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -406,7 +456,7 @@ def _attn_bwd_dkdv_kernel(
         h = hk * GROUP + g
         q_base = _head_ptr(Q, b, sqb, h, sqh, ALIGN)
         do_base = _head_ptr(DOut, b, sdob, h, sdoh, ALIGN)
-        row_base = (b * Hk * GROUP + h).to(tl.int64) * Sq
+        row_base = _scratch_row(b * Hk * GROUP + h, h, b, Sq, TQ, VARLEN)
         if IS_CAUSAL:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
                                  sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_full, Sq, causal_offset,
@@ -415,9 +465,11 @@ def _attn_bwd_dkdv_kernel(
                              sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, Sq, Sq, causal_offset,
                              qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN)
 
-    _store_tile(_head_ptr(DK, b, sdkb, hk, sdkh, ALIGN), dk * scale, offs_n, sdks, offs_d, sdkd, Sk, HEAD_DIM,
+    if VARLEN:  # read again: held through the loop, they cost registers the tiles need (sm_80 spilled)
+        bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)
+    _store_tile(_head_ptr(DK, bk, sdkb, hk, sdkh, ALIGN), dk * scale, offs_n, sdks, offs_d, sdkd, Sk, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
-    _store_tile(_head_ptr(DV, b, sdvb, hk, sdvh, ALIGN), dv, offs_n, sdvs, offs_dv, sdvd, Sk, HEAD_DIM_V,
+    _store_tile(_head_ptr(DV, bk, sdvb, hk, sdvh, ALIGN), dv, offs_n, sdvs, offs_dv, sdvd, Sk, HEAD_DIM_V,
                 HEAD_DIM_V != BLOCK_DV, ALIGN)
 
 
@@ -458,13 +510,17 @@ def _attn_bwd_dq_kernel(
     svb, svh, svs, svd,
     sdob, sdoh, sdos, sdod,
     sdqb, sdqh, sdqs, sdqd,
-    Hq, GROUP, Sq, Sk, scale, qk_scale,
-    IS_CAUSAL: tl.constexpr,
+    Hq, GROUP, Sq, Sk, scale, qk_scale, CuQ, CuK, TQ,
+    IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh, b, h, hk, m0, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    bh, b, bk, h, hk, m0, Sq, Sk, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL, VARLEN,
+                                                                    BLOCK_M, BLOCK_N)
+    if VARLEN:
+        if m0 >= Sq:
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -473,11 +529,11 @@ def _attn_bwd_dq_kernel(
                    True, HEAD_DIM != BLOCK_D, ALIGN)
     do = _load_tile(_head_ptr(DOut, b, sdob, h, sdoh, ALIGN), offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V,
                     True, HEAD_DIM_V != BLOCK_DV, ALIGN)
-    row = bh.to(tl.int64) * Sq + offs_m
+    row = _scratch_row(bh, h, b, Sq, TQ, VARLEN) + offs_m
     lse2 = tl.load(Lse2 + row, mask=offs_m < Sq, other=float("inf"))
     delta = tl.load(Delta + row, mask=offs_m < Sq, other=0.0)
-    k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)
-    v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
+    k_base = _head_ptr(K, bk, skb, hk, skh, ALIGN)
+    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
@@ -495,12 +551,43 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+class Seqs(NamedTuple):
+    """Packed sequences (flash-attn's varlen layout): int32 (B+1,) cu_seqlens of q and k, and the
+    longest lengths, which size the grid (every sequence gets that many tiles; the extra ones exit)."""
+
+    cu_q: Tensor
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+
+
 def _strides(prefix: str, t: Tensor) -> Dict[str, int]:
+    """Strides of a (B, H, S, D) tensor, or of a packed (T, H, D) one, whose "batch" stride is its
+    token stride: the kernels offset a sequence by (its first token) x (that stride)."""
+    if t.dim() == 3:
+        return {f"{prefix}b": t.stride(0), f"{prefix}h": t.stride(1), f"{prefix}s": t.stride(0), f"{prefix}d": t.stride(2)}
     return {f"{prefix}{axis}": s for axis, s in zip("bhsd", t.stride())}
 
 
 def _lse_strides(prefix: str, t: Tensor) -> Dict[str, int]:
+    """Strides of a (B, H, S) log-sum-exp, or of a packed (H, T) one (batch stride = token stride)."""
+    if t.dim() == 2:
+        return {f"{prefix}b": t.stride(1), f"{prefix}h": t.stride(0), f"{prefix}s": t.stride(1)}
     return {f"{prefix}{axis}": s for axis, s in zip("bhs", t.stride())}
+
+
+def _shape(q: Tensor, k: Tensor, seqs: Optional[Seqs]) -> Tuple[int, int, int, int, int]:
+    """(B, Hq, Hk, Sq, Sk) of a call; packed: B sequences, the longest lengths."""
+    if seqs is None:
+        return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    return seqs.cu_q.shape[0] - 1, q.shape[1], k.shape[1], seqs.max_q, seqs.max_k
+
+
+def _seq_args(seqs: Optional[Seqs], q: Tensor, placeholder: Tensor) -> Dict[str, object]:
+    """The kernels' packed-sequence arguments; dense calls pass a placeholder pointer (never read)."""
+    if seqs is None:
+        return {"CuQ": placeholder, "CuK": placeholder, "TQ": 0}
+    return {"CuQ": seqs.cu_q, "CuK": seqs.cu_k, "TQ": q.shape[0]}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -537,7 +624,7 @@ def _common_constexprs(q: Tensor, v: Tensor, is_causal: bool, *tensors: Tensor) 
     }
 
 
-def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool):
+def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, sq: int, sk: int, varlen: bool):
     return (
         q.dtype,
         q.device.index,
@@ -545,8 +632,9 @@ def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool):
         v.shape[-1],
         bool(is_causal),
         q.shape[1] // k.shape[1] > 1,
-        length_bucket(q.shape[2]),
-        length_bucket(k.shape[2]),
+        length_bucket(sq),
+        length_bucket(sk),
+        varlen,
     )
 
 
@@ -560,40 +648,45 @@ def _grid(rows: int, programs: int, tiles_of: str):
 
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float,
-                 arch: Optional[int] = None) -> LaunchPlan:
-    """The launch of the forward kernel for these tensors (shapes as in :func:`forward`); its candidate
-    configs are those of ``arch`` (default: q's GPU; see :func:`configs_for`)."""
+                 arch: Optional[int] = None, seqs: Optional[Seqs] = None) -> LaunchPlan:
+    """The launch of the forward kernel for these tensors (shapes as in :func:`forward`, or packed as
+    in :func:`varlen_forward` with ``seqs``); its candidate configs are those of ``arch`` (default:
+    q's GPU; see :func:`configs_for`)."""
     arch = arch if arch is not None else _arch(q)
-    b, hq, sq, _ = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    constexprs = _common_constexprs(q, v, is_causal, k, out)
+    b, hq, hk, sq, sk = _shape(q, k, seqs)
+    constexprs = {**_common_constexprs(q, v, is_causal, k, out), "VARLEN": seqs is not None}
     args = {
         "Q": q, "K": k, "V": v, "Out": out, "Lse": lse,
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", out), **_lse_strides("sl", lse),
         "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, "qk_scale": float(scale) * LOG2E,
     }
+    args.update({name: value for name, value in _seq_args(seqs, q, lse).items() if name != "TQ"})
     return LaunchPlan(
         name="fwd", kernel=_attn_fwd_kernel, args=args, constexprs=constexprs,
         configs=configs_for("fwd_decode" if sq <= DECODE_MAX_SQ else "fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype,
                             arch=arch),
-        grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal),
+        grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal, sq, sk, seqs is not None),
     )
 
 
 def backward_plans(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, arch: Optional[int] = None,
+    seqs: Optional[Seqs] = None,
 ) -> List[LaunchPlan]:
     """The three launches of the backward (preprocess, dK/dV, dQ), in order, with ``arch``'s configs
-    (default: q's GPU). Allocates the float32 (B, Hq, Sq) scratch buffers delta and lse2 that connect them."""
+    (default: q's GPU); packed tensors with ``seqs``. Allocates the float32 scratch buffers delta and
+    lse2 that connect them: (B, Hq, Sq), or (Hq, total_q) packed."""
     arch = arch if arch is not None else _arch(q)
-    b, hq, sq, d = q.shape
-    hk, sk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
-    constexprs = _common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv)
+    b, hq, hk, sq, sk = _shape(q, k, seqs)
+    d, dv_dim = q.shape[-1], v.shape[-1]
+    varlen = seqs is not None
+    constexprs = {**_common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv), "VARLEN": varlen}
     bucket = head_dim_bucket(d, dv_dim)
-    tune_key = _tune_key(q, k, v, is_causal)
-    delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    tune_key = _tune_key(q, k, v, is_causal, sq, sk, varlen)
+    delta = torch.empty(*((hq, q.shape[0]) if varlen else (b, hq, sq)), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
+    seq_args = _seq_args(seqs, q, lse)
 
     block_dv = constexprs["BLOCK_DV"]
     pre_block = INTERPRETER_CONFIGS["fwd"].block_m if interpreter_active() else _preprocess_block_m(block_dv)
@@ -603,9 +696,9 @@ def backward_plans(
         args={
             "Out": out, "DOut": dout, "Lse": lse, "DLse": dlse_t, "Delta": delta, "Lse2": lse2,
             **_strides("so", out), **_strides("sdo", dout), **_lse_strides("sl", lse), **_lse_strides("sdl", dlse_t),
-            "Hq": hq, "Sq": sq,
+            "Hq": hq, "Sq": sq, "CuQ": seq_args["CuQ"], "TQ": seq_args["TQ"],
         },
-        constexprs={"HAS_DLSE": dlse is not None, "HEAD_DIM_V": dv_dim, "BLOCK_DV": block_dv,
+        constexprs={"HAS_DLSE": dlse is not None, "VARLEN": varlen, "HEAD_DIM_V": dv_dim, "BLOCK_DV": block_dv,
                     "ALIGN": constexprs["ALIGN"]},
         configs=(Config(pre_block, 0, 4, 1),),
         grid=_grid(sq, b * hq, "block_m"),
@@ -618,13 +711,14 @@ def backward_plans(
     dkdv = LaunchPlan(
         name="bwd_dkdv", kernel=_attn_bwd_dkdv_kernel,
         args={**common, "DK": dk, "DV": dv, **_strides("sdk", dk), **_strides("sdv", dv),
-              "Hk": hk, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales},
+              "Hk": hk, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales, **seq_args},
         constexprs=constexprs, configs=configs_for("bwd_dkdv", bucket, q.dtype, arch=arch),
         grid=_grid(sk, b * hk, "block_n"), tune_key=tune_key,
     )
     dq_plan = LaunchPlan(
         name="bwd_dq", kernel=_attn_bwd_dq_kernel,
-        args={**common, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales},
+        args={**common, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales,
+              **seq_args},
         constexprs=constexprs, configs=configs_for("bwd_dq", bucket, q.dtype, arch=arch),
         grid=_grid(sq, b * hq, "block_m"), tune_key=tune_key,
     )
@@ -632,20 +726,22 @@ def backward_plans(
 
 
 def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float] = None,
-                  arch: Optional[int] = None) -> List[LaunchPlan]:
-    """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work).
+                  arch: Optional[int] = None, seqs: Optional[Seqs] = None) -> List[LaunchPlan]:
+    """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work);
+    packed (T, H, D) tensors with ``seqs``.
 
     Outputs are allocated like the op layer does (contiguous); ``arch`` picks the candidate configs
     (meta tensors have no GPU: None gives the generic list). For the kernel report: compile
     each plan with each of its configs via :func:`fastgpt.tools.inspect.compiling.compile_plan`.
     """
-    b, hq, sq, d = q.shape
+    d = q.shape[-1]
     scale = scale if scale is not None else d ** -0.5
-    out = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse_shape = (q.shape[1], q.shape[0]) if seqs is not None else q.shape[:-1]
+    lse = torch.empty(*lse_shape, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch)
-    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch)]
+    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch, seqs)
+    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch, seqs)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,6 +793,36 @@ def backward(
     over each kv head's query heads inside the dK/dV kernel."""
     with _on_device(q):
         for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale):
+            launch(plan)
+
+
+def varlen_unsupported_reason(q: Tensor, k: Tensor, v: Tensor, max_seqlen_q: int, max_seqlen_k: int) -> Optional[str]:
+    """:func:`unsupported_reason` for packed q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv): judged on
+    the (1, H, S, D) view of the longest sequence each may hold."""
+    views = (t[:n].transpose(0, 1).unsqueeze(0) for t, n in ((q, max_seqlen_q), (k, max_seqlen_k), (v, max_seqlen_k)))
+    return unsupported_reason(*views)
+
+
+def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                   max_seqlen_k: int, out: Tensor, lse: Tensor, is_causal: bool, scale: float) -> None:
+    """Packed sequences, one launch: write ``out`` (Tq, Hq, Dv) and ``lse`` (Hq, Tq) float32.
+
+    q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides; sequence b is rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q (int32, validated upstream) and likewise of k and v;
+    max_seqlen_* at least the longest sequence, >= 1."""
+    with _on_device(q):
+        launch(forward_plan(q, k, v, out, lse, is_causal, scale, seqs=Seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)))
+
+
+def varlen_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    dq: Tensor, dk: Tensor, dv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, is_causal: bool, scale: float,
+) -> None:
+    """:func:`backward` for packed sequences (layouts as in :func:`varlen_forward`; dlse None or (Hq, Tq))."""
+    seqs = Seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    with _on_device(q):
+        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, seqs=seqs):
             launch(plan)
 
 

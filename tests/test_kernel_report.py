@@ -59,7 +59,9 @@ EVERY_CONFIG = [_QUICK["gpt2-small"], _QUICK["llama3-8b-gqa"], _QUICK["d256-caus
                 _case("all-fp32-d8-dv24", 8, "float32", dv=24)]
 # Default configs at head dims that are not a power of two (masked columns, rows 16-byte aligned
 # only through ALIGN), D < 16, Dv != D, float16.
-AWKWARD_DEFAULTS = [_case("bf16-d8", 8, "bfloat16"), _case("bf16-d40", 40, "bfloat16"), _case("fp16-d80-dv48", 80, "float16", dv=48)]
+AWKWARD_DEFAULTS = [_case("bf16-d8", 8, "bfloat16"), _case("bf16-d40", 40, "bfloat16"), _case("fp16-d80-dv48", 80, "float16", dv=48),
+                    # the packed-sequence (VARLEN) kernels: the quick report's case, and an awkward head dim
+                    _QUICK["varlen-gqa"], _case("varlen-fp16-d40", 40, "float16", varlen=True)]
 FP32_LEFT_TO_THE_REPORT = (128, 256)
 
 

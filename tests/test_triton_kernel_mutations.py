@@ -68,12 +68,12 @@ MUTATIONS = {
         "m_sub = tl.where(m_new == float(\"-inf\"), 0.0, m_new)", "m_sub = m_new", "causal"),
     # the GQA mapping (interleaved instead of grouped)
     "fwd: kv head of V interleaved": (
-        "v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)\n    q = _load_tile",
-        "v_base = _head_ptr(V, b, svb, h % (Hq // GROUP), svh, ALIGN)\n    q = _load_tile", "gqa"),
+        "v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n    q = _load_tile",
+        "v_base = _head_ptr(V, bk, svb, h % (Hq // GROUP), svh, ALIGN)\n    q = _load_tile", "gqa"),
     "dkdv: query heads of the group interleaved": ("h = hk * GROUP + g", "h = g * Hk + hk", "gqa"),
     "dq: kv head of V interleaved": (
-        "v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)\n\n",
-        "v_base = _head_ptr(V, b, svb, h % (Hq // GROUP), svh, ALIGN)\n\n", "gqa"),
+        "v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n\n",
+        "v_base = _head_ptr(V, bk, svb, h % (Hq // GROUP), svh, ALIGN)\n\n", "gqa"),
     # scales
     "fwd: exp instead of exp2 (log2(e) lost)": (
         "p = tl.math.exp2(s - m_sub[:, None])", "p = tl.math.exp(s - m_sub[:, None])", "ragged"),
@@ -106,6 +106,17 @@ MUTATIONS = {
     "dq: dQ accumulator in 16 bits": (
         "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)",
         "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION).to(k.dtype).to(tl.float32)", "tight, long keys"),
+    # packed sequences (VARLEN): where each sequence starts and how long it is
+    "varlen: a sequence's length one short": (
+        "return start, tl.load(Cu + b + 1) - start", "return start, tl.load(Cu + b + 1) - start - 1", "varlen"),
+    "varlen fwd: keys read from the query's offset": (
+        "k_base = _head_ptr(K, bk, skb, hk, skh, ALIGN)\n    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n    q = _load_tile",
+        "k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)\n    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n    q = _load_tile",
+        "varlen"),
+    "varlen dkdv: keys located by the queries' cu_seqlens": (
+        "bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)", "bk, Sk = _seq_span(CuQ, bhk // Hk, Sk, VARLEN)", "varlen"),
+    "varlen: scratch rows not offset to the sequence": (
+        "return h.to(tl.int64) * TQ + b", "return h.to(tl.int64) * TQ", "varlen"),
 }
 
 
@@ -153,6 +164,15 @@ def _lse(device):
                             lambda q, k, v: tat.lse_oracle(q, k, v, True, 0.3), [q, k, v], torch.float32)
 
 
+def _varlen(device):
+    """Packed sequences with lengths 0 and 1, Sq != Sk per sequence, several tiles, causal GQA, and
+    the log-sum-exp (float32): the per-sequence oracle of tests/test_attention_varlen.py."""
+    import test_attention_varlen as tav
+
+    case = tav.Case((40, 0, 1, 17), (24, 5, 1, 50), 16, (4, 2), True, torch.float32)
+    tav.check_case(case, "triton", device, with_lse=True)
+
+
 CHECKS = {
     # causal, Sq < Sk and Sq > Sk, ragged in both; float32 so small slips show
     "causal": lambda device: (_parity(torch.float32, True, 40, 50)(device), _parity(torch.float32, True, 50, 40)(device)),
@@ -162,6 +182,7 @@ CHECKS = {
     # many key tiles per query tile: what the dQ accumulator sees
     "tight, long keys": _tight(16, 256, 0),
     "lse": _lse,
+    "varlen": _varlen,
 }
 
 

@@ -253,12 +253,12 @@ def _default_scale(scale: Optional[float], d: int) -> float:
     return 1.0 / math.sqrt(d) if d > 0 else 1.0
 
 
-def _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason):
+def _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason, op="attention"):
     """Features the kernels lack (dense masks, dropout): torch's own SDPA, with our semantics kept."""
     if not is_compiling():
         requested = backends.requested_backend()
         if requested != "reference":
-            backends.report_fallback("attention", "triton" if requested == "auto" else requested, reason)
+            backends.report_fallback(op, "triton" if requested == "auto" else requested, reason)
     if not is_causal:
         return _torch_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     sq, sk = q.shape[2], k.shape[2]

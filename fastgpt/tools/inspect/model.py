@@ -30,6 +30,10 @@ ATTENTION_CASES: Tuple[Dict[str, Any], ...] = (
     dict(name="gpt2-small-fp32", b=8, hq=12, hk=12, sq=1024, sk=1024, d=64, causal=True, dtype="float32", passes=("fwd", "bwd")),
     dict(name="d128-fp32", b=1, hq=16, hk=16, sq=2048, sk=2048, d=128, causal=True, dtype="float32", passes=("fwd", "bwd")),
     dict(name="d256-fp32", b=1, hq=16, hk=16, sq=2048, sk=2048, d=256, causal=True, dtype="float32", passes=("fwd", "bwd")),
+    # packed sequences (flash_attn_varlen_func; VARLEN kernels): b sequences of sq tokens each, so the
+    # grid, bytes and FLOPs are those of the dense case (a ragged batch only has fewer live tiles)
+    dict(name="varlen-gqa", b=8, hq=32, hk=8, sq=2048, sk=2048, d=128, causal=True, dtype="bfloat16", passes=("fwd", "bwd"),
+         varlen=True, quick=True),
     # other Triton ops' cases (the split-KV decode kernel), from their registry entries
     *(case for spec in registry.all_ops() for case in spec.report_cases),
 )
