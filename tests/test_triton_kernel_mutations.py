@@ -106,6 +106,11 @@ MUTATIONS = {
     "dq: dQ accumulator in 16 bits": (
         "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)",
         "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION).to(k.dtype).to(tl.float32)", "tight, long keys"),
+    # the atomic backward (deterministic=False): dQ summed over key tiles by atomics, then scaled
+    "dkdv atomic: each key tile's dQ stored, not added": (
+        "tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem=\"relaxed\")",
+        "tl.store(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))", "atomic"),
+    "dq convert: dQ not scaled": ("cast_out(acc * scale,", "cast_out(acc,", "atomic"),
 }
 
 
@@ -122,6 +127,13 @@ def _parity(dtype, causal, sq, sk, heads=(2, 1), d=16, b=1):
                             lambda q, k, v: attention_oracle(q, k, v, causal, scale), [q, k, v], dtype)
 
     return check
+
+
+def _atomic(device):
+    """deterministic=False, causal GQA 2:1 with two key tiles per query row (interpreter tiles: 32 keys)."""
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 4, 2, 40, 50, 16))
+    check_against_torch("atomic", lambda q, k, v: fastgpt.attention(q, k, v, causal=True, deterministic=False),
+                        lambda q, k, v: attention_oracle(q, k, v, True, 0.25), [q, k, v], torch.float32)
 
 
 def _tight(sq, sk, shift):
@@ -162,6 +174,7 @@ CHECKS = {
     # many key tiles per query tile: what the dQ accumulator sees
     "tight, long keys": _tight(16, 256, 0),
     "lse": _lse,
+    "atomic": _atomic,
 }
 
 
