@@ -4,7 +4,7 @@ The ``triton`` backend of :mod:`fastgpt.ops.attention`, through three functions:
 
     unsupported_reason(q, k, v) -> str | None
     forward(q, k, v, out, lse, is_causal, scale) -> None
-    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale) -> None
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=True) -> None
 
 and of :mod:`fastgpt.ops.varlen_attention` (packed sequences, flash-attn's varlen layout) through
 ``varlen_unsupported_reason``, ``varlen_forward`` and ``varlen_backward``: the same kernels with the
@@ -33,9 +33,13 @@ Kernels (FlashAttention-2, Dao 2023):
   its GQA group and their Q tiles, so the group's gradients are summed in registers (no atomics).
 * ``_attn_bwd_dq_kernel``: one program per (Q tile, batch, head); loops over K/V tiles.
 
-Everything is deterministic: each output element is written by one program with a fixed loop order,
-so two runs with the same config are bitwise equal. (On a GPU the config is tuned once per process
-and shape class; see :func:`kernels._triton_utils.pick_config`.)
+By default everything is deterministic: each output element is written by one program with a fixed
+loop order, so two runs with the same config are bitwise equal. (On a GPU the config is tuned once per
+process and shape class; see :func:`kernels._triton_utils.pick_config`.) ``deterministic=False`` is
+FlashAttention-2's own backward: the dK/dV kernel (ATOMIC_DQ) also computes each tile's dS K and adds
+it into a float32 dQ buffer with atomics, so there is no dQ kernel and its recomputation of S and dP
+(5 matmuls per tile instead of 7), and ``_attn_bwd_dq_convert_kernel`` scales and casts the sums. The
+order of the atomic adds, and so dq's last bits, varies from run to run; dk and dv do not change.
 
 Head dims are padded to a power of two >= 16 inside the kernel (masks, no padded copies), which is
 also what lets D < 16 and D = 40, 80, 96 run. Each launch is described by a
@@ -58,7 +62,8 @@ from torch import Tensor
 
 from fastgpt.ops.attention import MAX_HEAD_DIM  # one limit: the op validates calls against it
 
-from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, length_bucket, next_pow2
+from ._rounding import cast_out
+from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, length_bucket, next_pow2, pick_config
 from .flash_attention_configs import (  # noqa: F401  (re-exported: the configs are part of this kernel's interface)
     ARCH_CONFIGS,
     CONFIGS,
@@ -108,7 +113,7 @@ def _arch(t: Tensor) -> Optional[int]:
 
 
 def _preprocess_block_m(block_dv: int) -> int:
-    # ~64 elements of each of O and dO per thread (4 warps), whatever the head dim
+    # ~64 elements of each of O and dO per thread (4 warps), whatever the head dim (also the dQ conversion's rows)
     return max(16, min(128, 8192 // block_dv))
 
 
@@ -385,8 +390,10 @@ def _dkdv_inner(
     MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    dq_base, ATOMIC_DQ: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form."""
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form.
+    ATOMIC_DQ: also add each query tile's share of dQ (unscaled) into the float32 rows at dq_base."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM, True, HEAD_DIM != BLOCK_D, ALIGN)
@@ -402,6 +409,12 @@ def _dkdv_inner(
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+        if ATOMIC_DQ:
+            # FlashAttention-2's dQ: dS^T K from this key tile, summed over key tiles (programs) by float32
+            # atomics, so the sum's order, and its rounding, varies from run to run
+            dq_part = _dot(tl.trans(ds_t.to(k.dtype)), k, None, DOT_PRECISION)
+            dq_ptrs = dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -419,6 +432,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DQacc, ATOMIC_DQ: tl.constexpr,  # float32 (B, Hq, Sq, HEAD_DIM) contiguous, zeroed; unused unless ATOMIC_DQ
 ):
     pid = tl.program_id(0)
     n_n_tiles = tl.cdiv(Sk, BLOCK_N)
@@ -460,10 +474,12 @@ def _attn_bwd_dkdv_kernel(
         if IS_CAUSAL:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
                                  sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_full, Sq, causal_offset,
-                                 qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN)
+                                 qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
+                                 DQacc + row_base * HEAD_DIM, ATOMIC_DQ)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
                              sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, Sq, Sq, causal_offset,
-                             qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN)
+                             qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
+                             DQacc + row_base * HEAD_DIM, ATOMIC_DQ)
 
     if VARLEN:  # read again: held through the loop, they cost registers the tiles need (sm_80 spilled)
         bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)
@@ -543,6 +559,27 @@ def _attn_bwd_dq_kernel(
                    full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
     _store_tile(_head_ptr(DQ, b, sdqb, h, sdqh, ALIGN), dq * scale, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
+                HEAD_DIM != BLOCK_D, ALIGN)
+
+
+@triton.jit
+def _attn_bwd_dq_convert_kernel(
+    DQacc, DQ,
+    sdqb, sdqh, sdqs, sdqd,
+    Hq, Sq, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, RTNE_IN_SOFTWARE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dQ = scale * the float32 sums of the atomic dK/dV kernel, in dQ's dtype and strides."""
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(Sq, BLOCK_M)
+    bh = pid // n_m_tiles
+    offs_m = pid % n_m_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = DQacc + (bh.to(tl.int64) * Sq + offs_m)[:, None] * HEAD_DIM
+    acc = tl.load(rows + offs_d[None, :], mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    dq = cast_out(acc * scale, DQ.dtype.element_ty, RTNE_IN_SOFTWARE)
+    _store_tile(_head_ptr(DQ, bh // Hq, sdqb, bh % Hq, sdqh, ALIGN), dq, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
 
 
@@ -673,10 +710,16 @@ def backward_plans(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, arch: Optional[int] = None,
     seqs: Optional[Seqs] = None,
+    deterministic: bool = True,
 ) -> List[LaunchPlan]:
     """The three launches of the backward (preprocess, dK/dV, dQ), in order, with ``arch``'s configs
     (default: q's GPU); packed tensors with ``seqs``. Allocates the float32 scratch buffers delta and
-    lse2 that connect them: (B, Hq, Sq), or (Hq, total_q) packed."""
+    lse2 that connect them: (B, Hq, Sq), or (Hq, total_q) packed.
+    With ``deterministic=False``: preprocess, the dK/dV kernel that also adds dQ into a zeroed float32
+    (B, Hq, Sq, D) buffer with atomics ("bwd_dkdv_atomic"), and its conversion to dq ("bwd_dq_convert");
+    that buffer (args["DQacc"]) is allocated here and must be zeroed right before its launch (see backward)."""
+    if seqs is not None and not deterministic:
+        raise NotImplementedError("the atomic (deterministic=False) backward does not take packed sequences yet")
     arch = arch if arch is not None else _arch(q)
     b, hq, hk, sq, sk = _shape(q, k, seqs)
     d, dv_dim = q.shape[-1], v.shape[-1]
@@ -708,13 +751,27 @@ def backward_plans(
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("sdo", dout),
     }
     scales = {"scale": float(scale), "qk_scale": float(scale) * LOG2E}
+    # (deterministic: DQacc is a placeholder pointer, never read, and the kernel compiles as without it)
+    dq_acc = delta if deterministic else torch.empty(b, hq, sq, d, dtype=torch.float32, device=q.device)
     dkdv = LaunchPlan(
-        name="bwd_dkdv", kernel=_attn_bwd_dkdv_kernel,
+        name="bwd_dkdv" if deterministic else "bwd_dkdv_atomic", kernel=_attn_bwd_dkdv_kernel,
         args={**common, "DK": dk, "DV": dv, **_strides("sdk", dk), **_strides("sdv", dv),
-              "Hk": hk, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales, **seq_args},
-        constexprs=constexprs, configs=configs_for("bwd_dkdv", bucket, q.dtype, arch=arch),
+              "Hk": hk, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales, **seq_args, "DQacc": dq_acc},
+        constexprs={**constexprs, "ATOMIC_DQ": not deterministic},
+        configs=configs_for("bwd_dkdv" if deterministic else "bwd_dkdv_atomic", bucket, q.dtype, arch=arch),
         grid=_grid(sk, b * hk, "block_n"), tune_key=tune_key,
     )
+    if not deterministic:
+        block_d = constexprs["BLOCK_D"]
+        convert = LaunchPlan(
+            name="bwd_dq_convert", kernel=_attn_bwd_dq_convert_kernel,
+            args={"DQacc": dq_acc, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "Sq": sq, "scale": float(scale)},
+            constexprs={"HEAD_DIM": d, "BLOCK_D": block_d, "ALIGN": _stride_align(dq),
+                        "RTNE_IN_SOFTWARE": interpreter_active()},
+            configs=(Config(INTERPRETER_CONFIGS["fwd"].block_m if interpreter_active() else _preprocess_block_m(block_d), 0, 4, 1),),
+            grid=_grid(sq, b * hq, "block_m"),
+        )
+        return [pre, dkdv, convert]
     dq_plan = LaunchPlan(
         name="bwd_dq", kernel=_attn_bwd_dq_kernel,
         args={**common, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales,
@@ -726,7 +783,7 @@ def backward_plans(
 
 
 def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float] = None,
-                  arch: Optional[int] = None, seqs: Optional[Seqs] = None) -> List[LaunchPlan]:
+                  arch: Optional[int] = None, seqs: Optional[Seqs] = None, deterministic: bool = True) -> List[LaunchPlan]:
     """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work);
     packed (T, H, D) tensors with ``seqs``.
 
@@ -741,7 +798,8 @@ def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optio
     lse = torch.empty(*lse_shape, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch, seqs)
-    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch, seqs)]
+    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch, seqs,
+                                 deterministic)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -786,13 +844,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal
 
 def backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float,
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, deterministic: bool = True,
 ) -> None:
     """Write dq, dk, dv (shapes of q, k, v; any strides) from dout (shape of out) and ``dlse``
-    (None or (B, Hq, Sq), the gradient flowing into lse). Deterministic; GQA gradients are summed
-    over each kv head's query heads inside the dK/dV kernel."""
+    (None or (B, Hq, Sq), the gradient flowing into lse). GQA gradients are summed over each kv head's
+    query heads inside the dK/dV kernel. Deterministic by default; ``deterministic=False`` computes dQ
+    in the dK/dV kernel with float32 atomics (5 matmuls per tile instead of 7; dq's rounding varies
+    from run to run, dk and dv stay bitwise reproducible)."""
     with _on_device(q):
-        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale):
+        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic):
+            if plan.name == "bwd_dkdv_atomic":
+                pick_config(plan)  # a first call may tune: those runs add into DQacc too, so zero it after
+                plan.args["DQacc"].zero_()
             launch(plan)
 
 

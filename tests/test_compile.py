@@ -11,7 +11,7 @@ def every_op(x, residual, w, b, q, k, v):
     y2, s = fastgpt.add_layer_norm(y, residual, w, b)
     z = fastgpt.gelu(y2, "tanh") + fastgpt.bias_gelu(s, b) + fastgpt.gelu(s)
     a = fastgpt.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    a2 = fastgpt.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    a2 = fastgpt.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, deterministic=False)
     a3, lse = fastgpt.attention(q, k, v, return_lse=True)
     return z.square().sum() + a.square().sum() + a2.square().sum() + a3.sum() + lse.sum()
 
@@ -51,6 +51,7 @@ def test_custom_ops_pass_torch_library_opcheck():
     cases = [
         (torch.ops.fastgpt.attention_fwd.default, (q, k, v, True, 0.3, False)),
         (torch.ops.fastgpt.attention_fwd.default, (q, k, v, False, 0.3, True)),
+        (torch.ops.fastgpt.attention_fwd.default, (q, k, v, True, 0.3, True, False)),  # deterministic=False
         (torch.ops.fastgpt.layer_norm_fwd.default, (x, w, b, 1e-5)),
         (torch.ops.fastgpt.layer_norm_fwd.default, (x, None, None, 1e-5)),
         (torch.ops.fastgpt.add_layer_norm_fwd.default, (x, res, w, None, 1e-5)),

@@ -114,9 +114,15 @@ MUTATIONS = {
         "k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)\n    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n    q = _load_tile",
         "varlen"),
     "varlen dkdv: keys located by the queries' cu_seqlens": (
-        "bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)", "bk, Sk = _seq_span(CuQ, bhk // Hk, Sk, VARLEN)", "varlen"),
+        "bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)\n    hk = bhk % Hk", "bk, Sk = _seq_span(CuQ, bhk // Hk, Sk, VARLEN)\n    hk = bhk % Hk",
+        "varlen"),
     "varlen: scratch rows not offset to the sequence": (
         "return h.to(tl.int64) * TQ + b", "return h.to(tl.int64) * TQ", "varlen"),
+    # the atomic backward (deterministic=False): dQ summed over key tiles by atomics, then scaled
+    "dkdv atomic: each key tile's dQ stored, not added": (
+        "tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem=\"relaxed\")",
+        "tl.store(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))", "atomic"),
+    "dq convert: dQ not scaled": ("cast_out(acc * scale,", "cast_out(acc,", "atomic"),
 }
 
 
@@ -133,6 +139,13 @@ def _parity(dtype, causal, sq, sk, heads=(2, 1), d=16, b=1):
                             lambda q, k, v: attention_oracle(q, k, v, causal, scale), [q, k, v], dtype)
 
     return check
+
+
+def _atomic(device):
+    """deterministic=False, causal GQA 2:1 with two key tiles per query row (interpreter tiles: 32 keys)."""
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 4, 2, 40, 50, 16))
+    check_against_torch("atomic", lambda q, k, v: fastgpt.attention(q, k, v, causal=True, deterministic=False),
+                        lambda q, k, v: attention_oracle(q, k, v, True, 0.25), [q, k, v], torch.float32)
 
 
 def _tight(sq, sk, shift):
@@ -183,6 +196,7 @@ CHECKS = {
     "tight, long keys": _tight(16, 256, 0),
     "lse": _lse,
     "varlen": _varlen,
+    "atomic": _atomic,
 }
 
 

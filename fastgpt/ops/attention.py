@@ -15,7 +15,7 @@ Backend interface (``fastgpt.kernels.flash_attention`` implements it for ``trito
 
     unsupported_reason(q, k, v) -> str | None          # why this call cannot run on the kernel
     forward(q, k, v, out, lse, is_causal, scale) -> None   # writes out and lse (B, Hq, Sq) float32
-    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale) -> None   # writes dq, dk, dv
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=True) -> None   # writes dq, dk, dv
 
 q, k, v, out, dout, dq, dk, dv are logical (B, H, S, D) tensors with arbitrary strides (any strides
 work, 0 included; a contiguous last dim is fastest); ``dlse`` is None or (B, Hq, Sq).
@@ -103,7 +103,9 @@ def _backend_for(q: Tensor, k: Tensor, v: Tensor) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, seq_major: bool) -> Tuple[Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, seq_major: bool,
+                   deterministic: bool = True) -> Tuple[Tensor, Tensor]:
+    # (deterministic is the backward's: an input here so that setup_context can hand it on)
     out, lse = _alloc_forward(q, v, seq_major)
     if _backend_for(q, k, v) == "triton":
         from fastgpt.kernels import flash_attention
@@ -116,7 +118,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: floa
     return out, lse
 
 
-def _attention_fwd_fake(q, k, v, is_causal, scale, seq_major):
+def _attention_fwd_fake(q, k, v, is_causal, scale, seq_major, deterministic=True):
     return _alloc_forward(q, v, seq_major)
 
 
@@ -131,37 +133,38 @@ def _attention_bwd(
     is_causal: bool,
     scale: float,
     seq_major: bool,
+    deterministic: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _alloc_grads(q, k, v, seq_major)
     if _backend_for(q, k, v) == "triton":
         from fastgpt.kernels import flash_attention
 
-        flash_attention.backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale)
+        flash_attention.backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic)
         return dq, dk, dv
     for dst, src in zip((dq, dk, dv), reference.attention_backward(dout, q, k, v, out, lse, dlse, is_causal, scale)):
         dst.copy_(src)
     return dq, dk, dv
 
 
-def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, seq_major):
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, seq_major, deterministic=True):
     return _alloc_grads(q, k, v, seq_major)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, is_causal, scale, seq_major = inputs
+    q, k, v, is_causal, scale, seq_major, deterministic = inputs  # (the custom op fills in defaults)
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.is_causal, ctx.scale, ctx.seq_major = is_causal, scale, seq_major
+    ctx.is_causal, ctx.scale, ctx.seq_major, ctx.deterministic = is_causal, scale, seq_major, deterministic
 
 
 def _backward(ctx, attention_bwd, dout, dlse):
     if dout is None and dlse is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention = FastgptOp(
@@ -246,6 +249,11 @@ def _torch_sdpa_shortcut(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale
     return _torch_sdpa(q, k, v, is_causal=torch_causal, scale=scale)
 
 
+def _check_deterministic(fn: str, deterministic) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"{fn}: deterministic must be a bool; got {type(deterministic).__name__}")
+
+
 def _default_scale(scale: Optional[float], d: int) -> float:
     if scale is not None:
         return float(scale)
@@ -283,6 +291,7 @@ def attention(
     causal: bool = False,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    deterministic: bool = True,
 ):
     """Softmax attention over (B, H, S, D) tensors, with the log-sum-exp on request.
 
@@ -295,6 +304,10 @@ def attention(
         return_lse: also return the natural-log log-sum-exp of the scaled scores, (B, Hq, Sq) float32
             (-inf for rows that see no key). It is differentiable, so partial attentions over key
             blocks can be merged (out = sum_i exp(lse_i - lse) out_i) and trained through.
+        deterministic: True (the default): the backward is bitwise reproducible. False: the Triton
+            backward computes dq inside the dK/dV kernel with float32 atomic adds (5 matmuls per tile
+            instead of 7, as FlashAttention-2 does), so dq's rounding varies from run to run (dk, dv do
+            not). flash-attn's default is the non-deterministic backward; fastgpt's is not.
 
     Returns:
         out (B, Hq, Sq, Dv) in q's dtype, or (out, lse) when ``return_lse``. Any strides are accepted
@@ -302,12 +315,13 @@ def attention(
     """
     fn = "fastgpt.attention"
     _check_qkv(fn, q, k, v, allow_gqa=True)
+    _check_deterministic(fn, deterministic)
     scale = _default_scale(scale, q.shape[-1])
     if not return_lse:
         out = _torch_sdpa_shortcut(q, k, v, causal, scale)
         if out is not None:
             return out
-    out, lse = _attention(q, k, v, bool(causal), scale, False)
+    out, lse = _attention(q, k, v, bool(causal), scale, False, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -355,7 +369,7 @@ def scaled_dot_product_attention(
     else:
         out = _torch_sdpa_shortcut(q, k, v, is_causal, scale)
         if out is None:
-            out, _ = _attention(q, k, v, bool(is_causal), scale, False)
+            out, _ = _attention(q, k, v, bool(is_causal), scale, False, True)
     return out.squeeze(1) if squeeze else out
 
 
@@ -367,17 +381,22 @@ def flash_attn_func(
     softmax_scale: Optional[float] = None,
     causal: bool = False,
     return_lse: bool = False,
+    *,
+    deterministic: bool = True,
 ):
     """Drop-in for ``flash_attn.flash_attn_func``: layout (B, S, H, D), GQA when k/v have fewer heads.
 
     Runs the same kernels as :func:`scaled_dot_product_attention` through strides (no transposing
     copy); the output is a contiguous (B, Sq, Hq, Dv) tensor. The causal mask is bottom-right
     aligned, as in flash-attn >= 2.1. ``dropout_p > 0`` runs torch's SDPA with a one-time warning.
-    With ``return_lse`` also returns the log-sum-exp, (B, Hq, Sq) float32.
+    With ``return_lse`` also returns the log-sum-exp, (B, Hq, Sq) float32. ``deterministic`` (keyword)
+    is :func:`attention`'s: True by default, where flash-attn's default is False (its atomic dq); pass
+    False for the faster backward whose dq varies in its last bits from run to run.
     """
     fn = "fastgpt.flash_attn_func"
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(fn, name, t, ndim=(4,))
+    _check_deterministic(fn, deterministic)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     _check_qkv(fn, qt, kt, vt, allow_gqa=True)
     if not 0.0 <= dropout_p < 1.0:
@@ -392,7 +411,7 @@ def flash_attn_func(
         out = _torch_sdpa_shortcut(qt, kt, vt, causal, scale)
         if out is not None:
             return out.transpose(1, 2).contiguous()
-    out, lse = _attention(qt, kt, vt, bool(causal), scale, True)
+    out, lse = _attention(qt, kt, vt, bool(causal), scale, True, deterministic)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 

@@ -77,8 +77,9 @@ def _case_plans(case: Dict[str, Any]):
         q = torch.empty(case["b"], case["hq"], case["sq"], case["d"] + off, dtype=dtype, device="meta")[..., off:]
         k = torch.empty(case["b"], case["hk"], case["sk"], case["d"], dtype=dtype, device="meta")
         v = torch.empty(case["b"], case["hk"], case["sk"], dv, dtype=dtype, device="meta")
-        plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"))  # per-arch config lists
-    out = [("fwd", plans[0])]
+        plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"),  # per-arch config lists
+                                 deterministic=case.get("deterministic", True))
+    out = [("fwd", plans[0])] if "fwd" in case["passes"] else []
     if "bwd" in case["passes"]:
         out += [("bwd", p) for p in plans[1:]]
     return out
