@@ -18,7 +18,8 @@ from fastgpt import backends
 from fastgpt.testing import attention_oracle, check_against_torch
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
-from test_attention_triton import launches  # noqa: E402, F401  (the fixture: every LaunchPlan run)
+from test_attention_triton import _default_config_on_gpu, launches  # noqa: E402, F401  (fixtures: default configs
+# on a GPU, every LaunchPlan run)
 
 BACKENDS = ("reference", "triton")
 
@@ -119,6 +120,13 @@ def test_varlen_matches_per_sequence_oracle(case, backend, device, launches):
         names = [p.name for p in launches]
         assert names == ["fwd", "fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"], names  # the check runs fn twice
         assert all(p.constexprs["VARLEN"] for p in launches)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_realistic_lengths(causal, device):
+    """On a GPU: bf16, d=128, GQA 4:1, a ragged batch with long sequences, the default tile configs."""
+    check_case(Case((1000, 0, 1, 2047, 513), (1000, 0, 1, 2047, 700), 128, (8, 2), causal, torch.bfloat16), "triton", device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
