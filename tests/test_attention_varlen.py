@@ -155,6 +155,22 @@ def test_packed_qkv_and_kv_forms_read_views(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_cu_seqlens_and_a_generous_max_seqlen(backend, device):
+    """cu_seqlens as a strided view (every other element of a longer tensor) and max_seqlen above the
+    longest sequence: the same result as contiguous, exact lengths."""
+    lens = (7, 0, 20, 1)
+    cu = cu_of(lens, device)
+    strided = torch.stack([cu, torch.full_like(cu, -5)], dim=1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, cu)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(28, 2, 16, generator=g).to(device) for _ in range(3))
+    with fastgpt.use_backend(backend, strict=True):
+        want = fastgpt.flash_attn_varlen_func(q, k, v, cu, cu, 20, 20, causal=True)
+        got = fastgpt.flash_attn_varlen_func(q, k, v, strided, strided, 45, 33, causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batches(backend, device):
     """No sequence (cu = [0]) and only empty sequences: empty or zero outputs, -inf lse, zero gradients."""
     q, k, v = (torch.randn(0, 2, 16, device=device, requires_grad=True) for _ in range(3))
