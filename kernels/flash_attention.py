@@ -866,6 +866,11 @@ def varlen_unsupported_reason(q: Tensor, k: Tensor, v: Tensor, max_seqlen_q: int
     return unsupported_reason(*views)
 
 
+def _seqs(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int) -> Seqs:
+    # the kernels read cu[b] at offset b: a strided cu_seqlens is copied (B + 1 ints)
+    return Seqs(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
+
+
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                    max_seqlen_k: int, out: Tensor, lse: Tensor, is_causal: bool, scale: float) -> None:
     """Packed sequences, one launch: write ``out`` (Tq, Hq, Dv) and ``lse`` (Hq, Tq) float32.
@@ -874,7 +879,7 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seq
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q (int32, validated upstream) and likewise of k and v;
     max_seqlen_* at least the longest sequence, >= 1."""
     with _on_device(q):
-        launch(forward_plan(q, k, v, out, lse, is_causal, scale, seqs=Seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)))
+        launch(forward_plan(q, k, v, out, lse, is_causal, scale, seqs=_seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)))
 
 
 def varlen_backward(
@@ -883,7 +888,7 @@ def varlen_backward(
     max_seqlen_k: int, is_causal: bool, scale: float,
 ) -> None:
     """:func:`backward` for packed sequences (layouts as in :func:`varlen_forward`; dlse None or (Hq, Tq))."""
-    seqs = Seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    seqs = _seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     with _on_device(q):
         for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, seqs=seqs):
             launch(plan)

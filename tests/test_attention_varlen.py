@@ -18,7 +18,8 @@ from fastgpt import backends
 from fastgpt.testing import attention_oracle, check_against_torch
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
-from test_attention_triton import launches  # noqa: E402, F401  (the fixture: every LaunchPlan run)
+from test_attention_triton import _default_config_on_gpu, launches  # noqa: E402, F401  (fixtures: default configs
+# on a GPU, every LaunchPlan run)
 
 BACKENDS = ("reference", "triton")
 
@@ -121,6 +122,13 @@ def test_varlen_matches_per_sequence_oracle(case, backend, device, launches):
         assert all(p.constexprs["VARLEN"] for p in launches)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_realistic_lengths(causal, device):
+    """On a GPU: bf16, d=128, GQA 4:1, a ragged batch with long sequences, the default tile configs."""
+    check_case(Case((1000, 0, 1, 2047, 513), (1000, 0, 1, 2047, 700), 128, (8, 2), causal, torch.bfloat16), "triton", device)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_lse_and_its_gradient(backend, device):
     """return_attn_probs: (out, lse (Hq, total_q) float32), lse -inf for rows that see no key, and the
@@ -144,6 +152,22 @@ def test_packed_qkv_and_kv_forms_read_views(backend, device):
         check_against_torch("kvpacked", lambda q, x: fastgpt.flash_attn_varlen_kvpacked_func(q, x, cu, cu, 17, 17, softmax_scale=0.25,
                                                                                             causal=True),
                             lambda q, x: oracle(q, *x.unbind(1)), [q_only, kv], torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_cu_seqlens_and_a_generous_max_seqlen(backend, device):
+    """cu_seqlens as a strided view (every other element of a longer tensor) and max_seqlen above the
+    longest sequence: the same result as contiguous, exact lengths."""
+    lens = (7, 0, 20, 1)
+    cu = cu_of(lens, device)
+    strided = torch.stack([cu, torch.full_like(cu, -5)], dim=1).reshape(-1)[::2]
+    assert not strided.is_contiguous() and torch.equal(strided, cu)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(28, 2, 16, generator=g).to(device) for _ in range(3))
+    with fastgpt.use_backend(backend, strict=True):
+        want = fastgpt.flash_attn_varlen_func(q, k, v, cu, cu, 20, 20, causal=True)
+        got = fastgpt.flash_attn_varlen_func(q, k, v, strided, strided, 45, 33, causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

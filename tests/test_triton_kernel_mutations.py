@@ -114,7 +114,10 @@ MUTATIONS = {
         "k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)\n    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n    q = _load_tile",
         "varlen"),
     "varlen dkdv: keys located by the queries' cu_seqlens": (
-        "bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)\n    hk = bhk % Hk", "bk, Sk = _seq_span(CuQ, bhk // Hk, Sk, VARLEN)\n    hk = bhk % Hk",
+        "bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)\n    hk = ", "bk, Sk = _seq_span(CuQ, bhk // Hk, Sk, VARLEN)\n    hk = ",
+        "varlen"),
+    "varlen dkdv: dK/dV stored at the queries' offsets": (
+        "bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)\n    _store_tile", "bk, Sk = _seq_span(CuQ, bhk // Hk, Sk, VARLEN)\n    _store_tile",
         "varlen"),
     "varlen: scratch rows not offset to the sequence": (
         "return h.to(tl.int64) * TQ + b", "return h.to(tl.int64) * TQ", "varlen"),

@@ -372,7 +372,7 @@ def length_mix(batch: int, max_len: int) -> List[int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _mix_tensors(batch: int, max_len: int, device: str) -> Tuple[Tensor, Tensor]:
+def mix_tensors(batch: int, max_len: int, device: str) -> Tuple[Tensor, Tensor]:
     """(cu_seqlens int32, (B, max_len) bool mask of real tokens) of :func:`length_mix` on ``device``."""
     lengths = torch.tensor(length_mix(batch, max_len))
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
@@ -383,7 +383,7 @@ def _mix_tensors(batch: int, max_len: int, device: str) -> Tuple[Tensor, Tensor]
 def padded_sdpa(q: Tensor, k: Tensor, v: Tensor, batch: int, max_len: int, causal: bool) -> Tensor:
     """The peer: packed tokens padded to (B, H, Smax, D), torch's SDPA (key-padding mask, or its causal
     mask, which hides right padding from real rows), real rows gathered back: what a padded batch costs."""
-    cu, mask = _mix_tensors(batch, max_len, str(q.device))
+    cu, mask = mix_tensors(batch, max_len, str(q.device))
     padded = []
     for t in (q, k, v):
         p = t.new_zeros(batch, max_len, *t.shape[1:])
@@ -426,7 +426,7 @@ def _call(case):
     d, causal = case.d, case.causal
 
     def run(q, k, v):
-        cu, _ = _mix_tensors(d["B"], d["Smax"], str(q.device))
+        cu, _ = mix_tensors(d["B"], d["Smax"], str(q.device))
         return flash_attn_varlen_func(q, k, v, cu, cu, d["Smax"], d["Smax"], causal=causal)
 
     return run
@@ -462,7 +462,7 @@ register(
                 "bwd": "flops = 2.5 * forward flops",
                 "fwd+bwd": "flops = 3.5 * forward flops",
             },
-            peers=("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "torch-eager"),
+            peers=("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "torch-eager", "flash-attn"),
             targets=_targets,
         ),
     )

@@ -310,6 +310,16 @@ def _impl(case: OpCase, impl: str, device: torch.device, backend_override: Optio
         causal = case.causal
         if "L" in case.d:  # decode over a KV cache: (B, S, H, D) already, the whole cache attended
             return (lambda q, k_cache, v_cache: fa.flash_attn_with_kvcache(q, k_cache, v_cache, causal=causal)), contextlib.nullcontext
+        if "Smax" in case.d:  # packed sequences: flash-attn's varlen function on the same cu_seqlens
+            from fastgpt.ops.varlen_attention import mix_tensors
+
+            b, smax = case.d["B"], case.d["Smax"]
+
+            def varlen(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                cu, _ = mix_tensors(b, smax, str(q.device))
+                return fa.flash_attn_varlen_func(q, k, v, cu, cu, smax, smax, causal=causal)
+
+            return varlen, contextlib.nullcontext
 
         def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # flash-attn's layout is (B, S, H, D): transposed views, no copies (last dim contiguous)
