@@ -518,12 +518,15 @@ def metrics(case: OpCase, ms: float, roofline: Optional[_timing.Roofline]) -> Di
 
 
 def measure(prepared: Prepared, roofline: Optional[_timing.Roofline] = None, **timer_kwargs) -> Dict[str, object]:
-    """Time a prepared case (CUDA events on a GPU, the host clock on a CPU) and return its record."""
+    """Time a prepared case (CUDA events on a GPU, the host clock on a CPU) and return its record; on a
+    GPU it also holds ``cuda_peak_mib``, the allocator's peak over one call (see timing.cuda_peak_mib)."""
     case = prepared.case
+    memory = {}
     with prepared.context():
         if prepared.device.type == "cuda":
             timing = _timing.time_cuda(prepared.fn, flush_l2=True, device=prepared.device, setup=prepared.setup, **timer_kwargs)
             ms = timing.median_ms
+            memory["cuda_peak_mib"] = _timing.cuda_peak_mib(prepared.fn, prepared.device, prepared.setup)
         else:
             timing = _timing.time_cpu(prepared.fn, setup=prepared.setup, **timer_kwargs)
             ms = timing.min_ms
@@ -539,5 +542,6 @@ def measure(prepared: Prepared, roofline: Optional[_timing.Roofline] = None, **t
         "ms": ms,
         "timing": timing.as_dict(),
         "check_rel_error": prepared.check_error,
+        **memory,
         **metrics(case, ms, roofline),
     }
