@@ -13,8 +13,8 @@ before it is normalized, as the stored residual stream is).
 
 Kernels:
 
-* ``_rms_norm_fwd_kernel``: BLOCK_M rows per program. Rows of up to ``CHUNK_MAX`` elements stay in
-  registers (one read of x, one write of y); wider rows loop over chunks twice (the second read is
+* ``_rms_norm_fwd_kernel``: BLOCK_M rows per program. Rows of up to ``FWD_CHUNK_MAX`` elements stay
+  in registers (one read of x, one write of y); wider rows loop over chunks twice (the second read is
   usually an L2 hit).
 * ``_rms_norm_bwd_kernel``: a persistent grid of ``G`` programs (a few per SM), each looping over row
   tiles: dx per row, and the weight gradient summed over its rows in float32 registers (wide rows:
@@ -38,10 +38,13 @@ from torch import Tensor
 from ._rounding import cast_out
 from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, next_pow2, on_device
 
-__all__ = ["unsupported_reason", "forward", "backward", "forward_plan", "backward_plan", "example_plans", "CHUNK_MAX"]
+__all__ = ["unsupported_reason", "forward", "backward", "forward_plan", "backward_plan", "example_plans", "CHUNK_MAX", "FWD_CHUNK_MAX"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-CHUNK_MAX = 8192  # widest row held in registers; wider rows loop over chunks of this size
+CHUNK_MAX = 8192  # widest row the backward holds in registers; wider rows loop over chunks of this size
+# the forward holds twice that at 32 warps (16 float32 per thread): no second read of x up to N=16384.
+# The backward at 16384 (x, dy, weight and the dweight sum per thread) spilled on sm_80 and sm_90.
+FWD_CHUNK_MAX = 16384
 _ELEMS_PER_THREAD = 16  # a tile of BLOCK_M x BLOCK_N spread so each thread holds ~16 elements per tensor
 _INTERPRETER_CHUNK_MAX = 64  # under the interpreter a smaller chunk, so small test rows cover the wide-row loop
 
@@ -191,13 +194,13 @@ def _rms_norm_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _tile(n: int, interpreter: bool) -> Tuple[Config, int]:
-    """(config, chunks) for rows of n: BLOCK_N = the row (or a chunk of it), BLOCK_M rows per program
-    so that narrow rows still give each thread a few 16-byte vectors."""
-    chunk_max = _INTERPRETER_CHUNK_MAX if interpreter else CHUNK_MAX
+def _tile(n: int, interpreter: bool, chunk_max: int = CHUNK_MAX) -> Tuple[Config, int]:
+    """(config, chunks) for rows of n: BLOCK_N = the row (or a chunk of it, at most ``chunk_max``),
+    BLOCK_M rows per program so that narrow rows still give each thread a few 16-byte vectors."""
+    chunk_max = _INTERPRETER_CHUNK_MAX if interpreter else chunk_max
     block_n = min(max(16, next_pow2(n)), chunk_max)
     block_m = max(1, min(16, 4096 // block_n)) if not interpreter else max(1, min(4, 256 // block_n))
-    warps = max(1, min(16, block_m * block_n // (32 * _ELEMS_PER_THREAD)))
+    warps = max(1, min(32, block_m * block_n // (32 * _ELEMS_PER_THREAD)))
     return Config(block_m, block_n, warps, 1), ceil_div(n, block_n)
 
 
@@ -217,7 +220,7 @@ def _programs(x: Tensor, tiles: int, sms: Optional[int]) -> int:
 def forward_plan(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], y: Tensor, s: Optional[Tensor], rstd: Tensor,
                  eps: float, weight_offset: float = 0.0, cast_before_weight: bool = False) -> LaunchPlan:
     m, n = x.shape
-    config, chunks = _tile(n, interpreter_active())
+    config, chunks = _tile(n, interpreter_active(), FWD_CHUNK_MAX)
     has_r = residual is not None
     args = {
         "X": x, "R": residual if has_r else x, "W": weight if weight is not None else x, "Y": y, "S": s if has_r else y,
