@@ -12,7 +12,8 @@ What is recognised (each family can be switched off with ``ops``):
   flash or masked-softmax path: the forward may reference nothing beyond what nanoGPT's does); Hugging
   Face GPT-2 (``GPT2Attention``): "fastgpt" is registered with transformers' ``AttentionInterface``
   (and its mask interface) and the model's ``config._attn_implementation`` is switched to it; the
-  same for Hugging Face Llama, Mistral and Qwen2 attention (GQA included).
+  same for Hugging Face Llama, Mistral and Qwen2 attention (GQA included). What that attention
+  function computes for which mask (padding, packed sequences) is ``fastgpt/hf_attention.py``'s.
 * ``rms_norm``, ``rotary``, ``swiglu``, ``linear_cross_entropy``: ``torch.nn.RMSNorm`` anywhere and the
   Hugging Face Llama family's norms, rotary application, SiLU MLPs and causal-LM loss
   (``fastgpt/patching_llama.py`` says what each becomes).
@@ -36,15 +37,14 @@ import torch
 from torch import Tensor, nn
 
 import fastgpt
-from fastgpt import reference, registry
+from fastgpt import hf_attention, registry
 from fastgpt import nn as fnn
 from fastgpt import patching_llama as llama
-from fastgpt.ops._checks import is_compiling
+from fastgpt.hf_attention import ATTN_IMPLEMENTATION
 
 __all__ = ["patch", "unpatch", "PatchReport", "OPS"]
 
 OPS = registry.names(lambda spec: spec.patchable)  # the ops patch() can swap into a model
-ATTN_IMPLEMENTATION = "fastgpt"  # the name registered with transformers' AttentionInterface
 
 
 @dataclass
@@ -301,131 +301,8 @@ def _classify(m: nn.Module, hf_gelus: Dict[type, str], hf_llama: Dict[type, str]
 
 
 # --------------------------------------------------------------------------------------------
-# Hugging Face: the attention function registered as "fastgpt"
+# Hugging Face: which attention modules the "fastgpt" attention (fastgpt/hf_attention.py) serves
 # --------------------------------------------------------------------------------------------
-
-_HF_UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias")
-DECODE_MAX_SQ = 16  # a causal step of at most this many queries over more cached keys is a decode step
-
-
-def _is_decode_step(query: Tensor, key: Tensor, value: Tensor, causal: bool, dropout: float) -> bool:
-    """A generation step flash_attn_with_kvcache can take: causal, a few queries after cached keys, no
-    dropout, no gradient wanted (the decode op is inference-only), not under torch.compile (its range
-    checks read the device)."""
-    sq, sk = query.shape[2], key.shape[2]
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    return causal and 1 <= sq <= DECODE_MAX_SQ and sq < sk and dropout == 0.0 and not wants_grad and not is_compiling()
-
-
-def causal_prefix_length(mask: Tensor, sq: int, sk: int) -> Optional[int]:
-    """L when a boolean (B|1, H|1, Sq, Sk) mask is the bottom-right causal pattern over the first L keys
-    and hides the rest (a static cache's unwritten slots), for every batch row and head; else None.
-
-    Then attention under the mask is fastgpt's causal attention over keys[:L]. Reads the mask (syncs).
-    """
-    if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (sq, sk) or sq == 0:
-        return None
-    length = int(mask[..., -1, :].sum(dim=-1).max())  # keys the last query sees
-    if length < sq:
-        return None
-    want = torch.zeros(sq, sk, dtype=torch.bool, device=mask.device)
-    want[:, :length] = reference.causal_mask(sq, length, mask.device)
-    return length if bool((mask == want).all()) else None
-
-
-# transformers hands the same mask object to every layer of one forward: read it (a device sync) once.
-# (weak reference to the mask, its version counter, (Sq, Sk)) -> causal_prefix_length's answer
-_last_mask: Tuple[Optional["weakref.ref[Tensor]"], int, Tuple[int, int], Optional[int]] = (None, -1, (0, 0), None)
-
-
-def _mask_prefix_length(mask: Tensor, sq: int, sk: int) -> Optional[int]:
-    """causal_prefix_length, remembered for the last mask seen while it is unchanged."""
-    global _last_mask
-    ref, version, shape, length = _last_mask
-    if ref is not None and ref() is mask and version == mask._version and shape == (sq, sk):
-        return length
-    length = causal_prefix_length(mask, sq, sk)
-    _last_mask = (weakref.ref(mask), mask._version, (sq, sk), length)
-    return length
-
-
-def hf_attention_forward(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Optional[Tensor],
-    dropout: float = 0.0,
-    scaling: Optional[float] = None,
-    is_causal: Optional[bool] = None,
-    **kwargs,
-) -> Tuple[Tensor, None]:
-    """transformers' attention-function interface, computed by fastgpt (registered as "fastgpt").
-
-    query (B, Hq, Sq, D), key/value (B, Hk, Sk, D) -> ((B, Sq, Hq, D) contiguous, None), the contract
-    of transformers' ``sdpa_attention_forward``, whose masks it receives (transformers builds them with
-    the sdpa mask function for this name: None when the attention is purely causal, else a boolean
-    mask). None, or a boolean mask that is the bottom-right causal pattern over a prefix of the keys
-    (cached keys; a static cache's filled slots), runs fastgpt's causal kernel; any other mask
-    (padding) runs torch's SDPA through
-    :func:`fastgpt.scaled_dot_product_attention` (a one-time FallbackWarning; an error in strict mode).
-    A causal decode step (see ``_is_decode_step``) runs :func:`fastgpt.flash_attn_with_kvcache` with
-    transformers' concatenated keys/values as a full cache (transposed views, no copy).
-    """
-    unsupported = [name for name in _HF_UNSUPPORTED_KWARGS if kwargs.get(name) is not None]
-    if unsupported or kwargs.get("output_attentions"):
-        raise ValueError(
-            f"fastgpt attention for transformers does not support {', '.join(unsupported) or 'output_attentions'}; "
-            "use attn_implementation='sdpa' or 'eager' for this model"
-        )
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    sq, sk = query.shape[2], key.shape[2]
-    if attention_mask is None and causal and 1 < sq < sk:
-        # transformers passes no mask with more keys than queries only for an empty static cache's
-        # prefill (it builds the mask otherwise): the keys past the queries are unwritten slots
-        key, value = key[:, :, :sq], value[:, :, :sq]
-    elif attention_mask is not None and not is_compiling():
-        length = _mask_prefix_length(attention_mask, sq, sk)
-        if length is not None:  # a causal mask after all (cached keys, static cache slots)
-            attention_mask, causal = None, True
-            key, value = key[:, :, :length], value[:, :, :length]
-    if attention_mask is None and _is_decode_step(query, key, value, causal, dropout):
-        k_cache, v_cache = key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views: the op takes strides
-        lengths = torch.full((key.shape[0],), key.shape[2], dtype=torch.int32, device=key.device)
-        out = fastgpt.flash_attn_with_kvcache(query.transpose(1, 2), k_cache, v_cache, cache_seqlens=lengths,
-                                              softmax_scale=scaling, causal=True)
-        return out, None
-    if attention_mask is None:
-        out = fastgpt.flash_attn_func(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            dropout_p=dropout, softmax_scale=scaling, causal=causal and sq > 1,
-        )  # fmt: skip
-        return out, None
-    out = fastgpt.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _hf_attention_support() -> Optional[str]:
-    """None if this transformers can take the "fastgpt" attention (then it is registered), else why not."""
-    import transformers
-
-    try:
-        from transformers.masking_utils import AttentionMaskInterface
-        from transformers.modeling_utils import AttentionInterface
-    except ImportError:
-        return (
-            f"transformers {transformers.__version__} has no AttentionInterface/AttentionMaskInterface "
-            "(needs >= 4.53); its other modules are still patched"
-        )
-    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)
-    if ATTN_IMPLEMENTATION not in AttentionMaskInterface._global_mapping:
-        # the masks of the sdpa implementation: None when causal suffices, else boolean
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, AttentionMaskInterface._global_mapping["sdpa"])
-    return None
-
 
 _HF_ATTENTION = ("GPT2Attention",) + llama.HF_ATTENTION  # transformers' attention classes switched to "fastgpt"
 
@@ -491,7 +368,7 @@ def patch(model: nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
     blocked: Dict[int, str] = {}
     attention = [m for m in model.modules() if _hf_attention_class(m) is not None]
     if attention:
-        hf_reason = _hf_attention_support() if "attention" in ops else "'attention' is not in ops"
+        hf_reason = hf_attention.register() if "attention" in ops else "'attention' is not in ops"
         for m in attention:
             why = hf_reason or (llama.attention_blocker(m) if _hf_attention_class(m).__name__ in llama.HF_ATTENTION else None)
             if why is not None:

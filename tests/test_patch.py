@@ -12,7 +12,7 @@ from nanogpt_reference import LayerNorm as RefLayerNorm
 from nanogpt_reference import RefConfig, RefGPT, check_compiled_matches_eager, check_model_parity
 
 import fastgpt
-from fastgpt import BackendUnavailableError, FallbackWarning
+from fastgpt import FallbackWarning
 from fastgpt.testing import assert_parity
 
 CFG = dict(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
@@ -311,32 +311,6 @@ def test_unpatch_restores_hf_module_types_and_attention_implementation():
     assert module_types(model) == types and model.config._attn_implementation == "eager"
 
 
-def test_hf_padding_mask_takes_the_masked_fallback_with_one_warning():
-    base = hf_gpt2()
-    ref = copy.deepcopy(base).double()
-    model = copy.deepcopy(base)
-    fastgpt.patch(model)
-    idx = tokens(2, 10, vocab=96)
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[0, :3] = 0  # left padding
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad():
-            out, want, want64 = (hf_run(idx, mask)(m)["logits"] for m in (model, base, ref))
-            model(input_ids=idx, attention_mask=mask)
-    fallbacks = [w for w in caught if issubclass(w.category, FallbackWarning) and "attn_mask" in str(w.message)]
-    assert len(fallbacks) == 1, [str(w.message) for w in caught]
-    keep = mask.bool()  # compare real tokens (padded rows are garbage in every implementation)
-    assert_parity("padded HF GPT-2", out[keep], want64[keep], want[keep])
-    with fastgpt.use_backend("auto", strict=True), pytest.raises(BackendUnavailableError):
-        model(input_ids=idx, attention_mask=mask)
-    # an all-ones mask is no mask: the causal kernel, no warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FallbackWarning)
-        with fastgpt.use_backend("reference"), torch.no_grad():
-            model(input_ids=idx, attention_mask=torch.ones_like(mask))
-
-
 def test_patched_hf_generate_with_its_kv_cache_equals_unpatched():
     model = hf_gpt2()
     prompt = tokens(2, 4, vocab=96)
@@ -420,25 +394,6 @@ def test_compile_fullgraph_traces_the_patched_hf_model():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_hf_mask_detection_finds_causal_patterns_over_a_key_prefix():
-    from fastgpt.patching import causal_prefix_length
-
-    causal = torch.ones(3, 5, dtype=torch.bool).tril(diagonal=2)[None, None]  # 3 queries after 2 cached keys
-    assert causal_prefix_length(causal.expand(2, 1, 3, 5), 3, 5) == 5
-    static = torch.zeros(1, 1, 3, 8, dtype=torch.bool)
-    static[..., :5] = causal  # 3 unwritten static-cache slots after them
-    assert causal_prefix_length(static, 3, 8) == 5
-    # top-left alignment is the causal pattern over the first 3 keys, the last 2 hidden
-    assert causal_prefix_length(torch.ones(3, 5, dtype=torch.bool).tril()[None, None], 3, 5) == 3
-    window = causal.clone()
-    window[..., 2, 0] = False  # a sliding window: not causal attention
-    assert causal_prefix_length(window, 3, 5) is None
-    padded = causal.repeat(2, 1, 1, 1)
-    padded[0, :, :, 0] = False  # left padding in one row
-    assert causal_prefix_length(padded, 3, 5) is None
-    assert causal_prefix_length(causal.float(), 3, 5) is None
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_patched_hf_gpt2_matches_within_parity(device, dtype):
@@ -450,20 +405,3 @@ def test_gpu_patched_hf_gpt2_matches_within_parity(device, dtype):
     fastgpt.patch(model)
     check_model_parity(f"GPU patched HF GPT-2 {dtype}", model, base.to(device, dtype), ref, hf_run(tokens(2, 200, vocab=96).to(device)))
     assert backends.last_choice("attention").backend == "triton"
-
-
-def test_one_mask_is_read_once_per_forward_not_once_per_layer(monkeypatch):
-    """transformers passes one mask object to every layer: fastgpt inspects it (a GPU sync) once."""
-    from fastgpt import patching
-
-    calls = []
-    real = patching.causal_prefix_length
-    monkeypatch.setattr(patching, "causal_prefix_length", lambda *a: calls.append(a) or real(*a))
-    mask = torch.ones(3, 5, dtype=torch.bool).tril(diagonal=2)[None, None]
-    assert [patching._mask_prefix_length(mask, 3, 5) for _ in range(4)] == [5] * 4
-    assert len(calls) == 1
-    mask[..., -1] = False  # changed in place: read again
-    assert patching._mask_prefix_length(mask, 3, 5) is None and len(calls) == 2
-    other = mask.clone()  # another tensor, even with equal values: read again
-    patching._mask_prefix_length(other, 3, 5)
-    assert len(calls) == 3

@@ -62,19 +62,20 @@ def training_run(ids, labels, **loss_kwargs):
     return run
 
 
-def spy_on_fastgpt(monkeypatch):
-    """Count the calls of fastgpt's Llama-family functions (the patched modules look them up per call)."""
-    calls = dict.fromkeys(SPIED, 0)
+def spy_on_fastgpt(monkeypatch, names=SPIED, owner=fastgpt):
+    """Count the calls of owner's functions ``names`` (by default fastgpt's Llama-family ones; the patched
+    modules look them up per call)."""
+    calls = dict.fromkeys(names, 0)
 
     def spy(name, real):
         def run(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(fastgpt, name, run)
+        monkeypatch.setattr(owner, name, run)
 
-    for name in SPIED:
-        spy(name, getattr(fastgpt, name))
+    for name in names:
+        spy(name, getattr(owner, name))
     return calls
 
 
