@@ -3,8 +3,8 @@
 The ``triton`` backend of :mod:`fastgpt.ops.attention`, through three functions::
 
     unsupported_reason(q, k, v) -> str | None
-    forward(q, k, v, out, lse, is_causal, scale) -> None
-    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale) -> None
+    forward(q, k, v, out, lse, is_causal, scale, *, window, softcap, alibi_slopes) -> None
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, *, window, softcap, alibi_slopes) -> None
 
 Tensors are logical (B, H, S, D) views with arbitrary strides (every stride is passed to the
 kernels; nothing is copied or transposed): q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv),
@@ -13,13 +13,18 @@ reads kv head h // (Hq // Hk). float16 / bfloat16 / float32 inputs, float32 accu
 dots are exact ("ieee"), not TF32, so float32 results stay within the parity rule against torch.
 
 Semantics (those of :func:`fastgpt.reference.attention_forward`): query i sees key j iff
-j <= i + Sk - Sq when causal; rows that see no key give out = 0, lse = -inf, zero gradients.
+j <= i + Sk - Sq when causal, and i + Sk - Sq - left <= j <= i + Sk - Sq + right with a sliding
+window (flash-attn's ``window_size``; -1 unbounded; causal means right = 0); rows that see no key
+give out = 0, lse = -inf, zero gradients. Optional, as in flash-attn: ``softcap`` c > 0 replaces the
+scaled score s by c * tanh(s / c), then ALiBi adds -slope * |i + Sk - Sq - j|. Each of the three is
+a constexpr (WINDOW, SOFTCAP, ALIBI): with all off the kernels compile to the dense code.
 
 Kernels (FlashAttention-2, Dao 2023):
 
 * ``_attn_fwd_kernel``: one program per (Q tile, batch, head); online softmax over K/V tiles in the
-  exp2 domain (log2(e) folded into the scale); key tiles wholly above the causal diagonal are never
-  visited, tiles wholly visible run without masks, only the diagonal / ragged-end tiles mask.
+  exp2 domain (log2(e) folded into the scale); key tiles wholly above the causal diagonal (or outside
+  every row's window) are never visited, tiles wholly visible run without masks, only the diagonal /
+  window-edge / ragged-end tiles mask. A window of w keys costs ~Sq x (w + tiles), not Sq x Sk.
 * ``_attn_bwd_preprocess_kernel``: delta = rowsum(dO * O) - dlse and the log2-domain lse.
 * ``_attn_bwd_dkdv_kernel``: one program per (K tile, batch, kv head); loops over the query heads of
   its GQA group and their Q tiles, so the group's gradients are summed in registers (no atomics).
@@ -198,6 +203,84 @@ def _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
     return bh, bh // Hq, h, h // GROUP, m0, causal_offset, full, hi
 
 
+# --------------------------------------------------------------------------------------------
+# sliding window, softcap, ALiBi: each one a constexpr, so with all off nothing here is compiled
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    """float32 tanh (libdevice's does not run in the interpreter): 1 - 2 / (e^2|x| + 1) where |x| >= 0.625
+    (no cancellation there), else x + x^3 P(x^2), P fitted to tanh on [0, 0.625] (0.75 ulp in float32)."""
+    ax = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.math.exp2(ax * 2.8853900817779268) + 1.0)
+    z = x * x
+    p = (((-0.0057875774800777435 * z + 0.020711632445454597) * z - 0.05376141145825386) * z
+         + 0.13331693410873413) * z - 0.333332896232605
+    return tl.where(ax >= 0.625, tl.where(x < 0.0, -big, big), x + x * z * p)
+
+
+@triton.jit
+def _score_mods(s, i, j, causal_offset, softcap2, slope2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Softcap, then ALiBi, on log2-domain scaled scores s of queries i and keys j (broadcast index
+    tiles), in flash-attn's order: softcap2 * tanh(s / softcap2), then - slope2 * |i + Sk - Sq - j|
+    (softcap2, slope2 carry the log2(e) factor). Returns (s, t = the tanh), t for the backward's 1 - t^2."""
+    t = s
+    if SOFTCAP:
+        t = _tanh(s * (1.0 / softcap2))
+        s = softcap2 * t
+    if ALIBI:
+        s = s - slope2 * tl.abs(i + causal_offset - j).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _alibi_slope(Alibi, b, h, sab, sah, ALIBI: tl.constexpr):
+    """Head h's ALiBi slope (of batch b: the slopes are (Hq,) with sab = 0, or (B, Hq)) times log2(e)."""
+    if ALIBI:
+        return tl.load(Alibi + b * sab + h * sah).to(tl.float32) * 1.4426950408889634
+    else:
+        return 0.0
+
+
+@triton.jit
+def _in_window(i, j, causal_offset, win_left, win_right, IS_CAUSAL: tl.constexpr):
+    """Key j inside query i's window [i + Sk - Sq - left, i + Sk - Sq + right] (flash-attn's); the right
+    bound is the causal mask's when causal. An unbounded side comes as a length that never binds."""
+    keep = j >= i + causal_offset - win_left
+    if not IS_CAUSAL:
+        keep = keep & (j <= i + causal_offset + win_right)
+    return keep
+
+
+@triton.jit
+def _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles of query tile [m0, m0 + BLOCK_M) under the window (win_right = 0 when causal): (lo,
+    full_lo, full, hi); [full_lo, full) lie in every row's window, [lo, full_lo) and [full, hi) mask, and
+    tiles outside [lo, hi) are in no row's window and never visited: work ~ Sq x window, not Sq x Sk."""
+    hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset + win_right), 0)
+    lo = tl.minimum(tl.maximum(m0 + causal_offset - win_left, 0) // BLOCK_N * BLOCK_N, hi)
+    full_lo = (tl.maximum(m0 + BLOCK_M - 1 + causal_offset - win_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full = tl.minimum(tl.maximum(m0 + causal_offset + win_right + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full = tl.minimum(tl.maximum(full, full_lo), hi)
+    return lo, full_lo, full, hi
+
+
+@triton.jit
+def _window_query_range(n0, Sq, causal_offset, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles that see key tile [n0, n0 + BLOCK_N) under the window (key j is seen by queries
+    [j - Sk + Sq - right, j - Sk + Sq + left]): (m_lo, m_full, m_end, m_hi); [m_full, m_end) see the
+    whole tile, [m_lo, m_full) and [m_end, m_hi) mask, the others see none of it."""
+    m_hi = tl.minimum(tl.maximum(n0 + BLOCK_N - causal_offset + win_left, 0), Sq)
+    m_lo = tl.minimum(tl.maximum(n0 - causal_offset - win_right, 0) // BLOCK_M * BLOCK_M, m_hi)
+    m_full = (tl.maximum(n0 + BLOCK_N - 1 - causal_offset - win_right, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    m_end = tl.maximum(n0 - causal_offset + win_left + 1, 0) // BLOCK_M * BLOCK_M
+    m_full = tl.minimum(tl.maximum(m_full, m_lo), m_hi)
+    m_end = tl.minimum(tl.maximum(m_end, m_full), m_hi)
+    return m_lo, m_full, m_end, m_hi
+
+
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
@@ -206,14 +289,18 @@ def _fwd_inner(
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    win_left, win_right, softcap2, slope2, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    """Online softmax over key tiles [lo, hi). MASKED tiles apply the key bound and causal mask."""
+    """Online softmax over key tiles [lo, hi). MASKED tiles apply the key bound, window and causal mask."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s, _ = _score_mods(s, offs_m[:, None], offs_n[None, :], causal_offset, softcap2, slope2, SOFTCAP, ALIBI)
         if MASKED:
             keep = offs_n[None, :] < Sk
+            if WINDOW:
+                keep = keep & _in_window(offs_m[:, None], offs_n[None, :], causal_offset, win_left, win_right, IS_CAUSAL)
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             s = tl.where(keep, s, float("-inf"))
@@ -246,11 +333,18 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Alibi, sab, sah, win_left, win_right, softcap2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     bh, b, h, hk, m0, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL, BLOCK_M, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo, full_lo, full, hi = _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
 
     k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)
     v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
@@ -260,12 +354,19 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if WINDOW:  # the window's left edge
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
+                                   offs_m, offs_d, offs_dv, lo, full_lo, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
+                                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                                   win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
-                               offs_m, offs_d, offs_dv, 0, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
-                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+                               offs_m, offs_d, offs_dv, full_lo, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                               win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
                                offs_m, offs_d, offs_dv, full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
-                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                               win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
 
     # rows that saw no key: l = 0, out = 0, lse = -inf
     empty = l_i == 0.0
@@ -339,6 +440,8 @@ def _dkdv_inner(
     MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    win_left, win_right, softcap2, slope2,
+    IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -347,14 +450,22 @@ def _dkdv_inner(
         # rows past Sq read lse2 = +inf, so their P is exactly 0
         lse2 = tl.load(lse2_base + offs_m, mask=offs_m < Sq, other=float("inf"))
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION)
-        p_t = tl.math.exp2(_at_most_zero(s_t * qk_scale - lse2[None, :]))
+        s_t, t_t = _score_mods(s_t * qk_scale, offs_m[None, :], offs_n[:, None], causal_offset, softcap2, slope2,
+                               SOFTCAP, ALIBI)
+        p_t = tl.math.exp2(_at_most_zero(s_t - lse2[None, :]))
         if MASKED:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+            if IS_CAUSAL:
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+            if WINDOW:
+                p_t = tl.where(_in_window(offs_m[None, :], offs_n[:, None], causal_offset, win_left, win_right,
+                                          IS_CAUSAL), p_t, 0.0)
         do = _load_tile(do_base, offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV, ALIGN)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)  # through the cap: d(c tanh(s / c)) / ds
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
@@ -373,6 +484,8 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Alibi, sab, sah, win_left, win_right, softcap2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_n_tiles = tl.cdiv(Sk, BLOCK_N)
@@ -400,6 +513,10 @@ def _attn_bwd_dkdv_kernel(
         m_full = tl.minimum(tl.maximum(m_full, m_lo), Sq)
     else:
         m_full = 0
+    # the window: [m_lo, m_full) and [m_end, m_hi) mask, [m_full, m_end) see the whole key tile
+    m_end = Sq
+    if WINDOW:
+        m_lo, m_full, m_end, m_hi = _window_query_range(n0, Sq, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
 
     # the query heads of this kv head's GQA group, summed here in registers: no atomics
     for g in range(GROUP):
@@ -407,13 +524,21 @@ def _attn_bwd_dkdv_kernel(
         q_base = _head_ptr(Q, b, sqb, h, sqh, ALIGN)
         do_base = _head_ptr(DOut, b, sdob, h, sdoh, ALIGN)
         row_base = (b * Hk * GROUP + h).to(tl.int64) * Sq
-        if IS_CAUSAL:
+        slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
+        if IS_CAUSAL or WINDOW:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
                                  sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_full, Sq, causal_offset,
-                                 qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN)
+                                 qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
+                                 win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
-                             sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, Sq, Sq, causal_offset,
-                             qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN)
+                             sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, m_end, Sq, causal_offset,
+                             qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
+                             win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
+        if WINDOW:  # the window's far edge
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
+                                 sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_end, m_hi, Sq, causal_offset,
+                                 qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
+                                 win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
 
     _store_tile(_head_ptr(DK, b, sdkb, hk, sdkh, ALIGN), dk * scale, offs_n, sdks, offs_d, sdkd, Sk, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
@@ -429,6 +554,7 @@ def _dq_inner(
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    win_left, win_right, softcap2, slope2, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -436,16 +562,21 @@ def _dq_inner(
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION)
-        p = tl.math.exp2(_at_most_zero(s * qk_scale - lse2[:, None]))
+        s, t = _score_mods(s * qk_scale, offs_m[:, None], offs_n[None, :], causal_offset, softcap2, slope2, SOFTCAP, ALIBI)
+        p = tl.math.exp2(_at_most_zero(s - lse2[:, None]))
         if MASKED:
             # padded keys get P = 0 (with P clamped at 1 and K's padding rows zero, dS @ K would drop them
-            # anyway: this is a guard, and the causal part below is not)
+            # anyway: this is a guard, and the window and causal parts below are not)
             keep = offs_n[None, :] < Sk
+            if WINDOW:
+                keep = keep & _in_window(offs_m[:, None], offs_n[None, :], causal_offset, win_left, win_right, IS_CAUSAL)
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             p = tl.where(keep, p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
@@ -463,11 +594,18 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Alibi, sab, sah, win_left, win_right, softcap2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     bh, b, h, hk, m0, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL, BLOCK_M, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo, full_lo, full, hi = _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
 
     q = _load_tile(_head_ptr(Q, b, sqb, h, sqh, ALIGN), offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
@@ -480,12 +618,19 @@ def _attn_bwd_dq_kernel(
     v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if WINDOW:  # the window's left edge
+        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
+                       lo, full_lo, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
+                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                       win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
-                   0, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
-                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+                   full_lo, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                   win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
                    full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
-                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                   win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     _store_tile(_head_ptr(DQ, b, sdqb, h, sdqh, ALIGN), dq * scale, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
 
@@ -537,7 +682,26 @@ def _common_constexprs(q: Tensor, v: Tensor, is_causal: bool, *tensors: Tensor) 
     }
 
 
-def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool):
+def _feature_args(q: Tensor, k: Tensor, is_causal: bool, window: Tuple[int, int], softcap: float,
+                  alibi_slopes: Optional[Tensor], placeholder: Tensor) -> Tuple[Dict[str, object], Dict[str, object]]:
+    """(runtime args, constexprs) of the sliding window, softcap and ALiBi: the kernels' trailing arguments.
+
+    ``window`` is flash-attn's (left, right), -1 unbounded; when causal the right bound is the causal
+    one (right = 0). A side that cannot bind becomes Sq + Sk (the masks stay plain comparisons, and
+    WINDOW is off when neither side binds). ``placeholder`` stands in for absent slopes (never read)."""
+    sq, sk = q.shape[2], k.shape[2]
+    never = sq + sk
+    left, right = window
+    left = never if left < 0 else min(left, never)
+    right = 0 if is_causal else (never if right < 0 else min(right, never))
+    alibi = alibi_slopes if alibi_slopes is not None else placeholder
+    args = {"Alibi": alibi, "sab": alibi.stride(0) if alibi.dim() == 2 else 0, "sah": alibi.stride(-1),
+            "win_left": left, "win_right": right, "softcap2": float(softcap) * LOG2E}
+    constexprs = {"WINDOW": left < never or right < never, "SOFTCAP": softcap > 0, "ALIBI": alibi_slopes is not None}
+    return args, constexprs
+
+
+def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, features: Tuple[bool, ...] = ()):
     return (
         q.dtype,
         q.device.index,
@@ -547,6 +711,7 @@ def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool):
         q.shape[1] // k.shape[1] > 1,
         length_bucket(q.shape[2]),
         length_bucket(k.shape[2]),
+        *features,
     )
 
 
@@ -560,38 +725,42 @@ def _grid(rows: int, programs: int, tiles_of: str):
 
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float,
-                 arch: Optional[int] = None) -> LaunchPlan:
-    """The launch of the forward kernel for these tensors (shapes as in :func:`forward`); its candidate
-    configs are those of ``arch`` (default: q's GPU; see :func:`configs_for`)."""
+                 arch: Optional[int] = None, *, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                 alibi_slopes: Optional[Tensor] = None) -> LaunchPlan:
+    """The launch of the forward kernel for these tensors (shapes and options as in :func:`forward`); its
+    candidate configs are those of ``arch`` (default: q's GPU; see :func:`configs_for`)."""
     arch = arch if arch is not None else _arch(q)
     b, hq, sq, _ = q.shape
     hk, sk = k.shape[1], k.shape[2]
-    constexprs = _common_constexprs(q, v, is_causal, k, out)
+    feature_args, features = _feature_args(q, k, is_causal, window, softcap, alibi_slopes, lse)
+    constexprs = {**_common_constexprs(q, v, is_causal, k, out), **features}
     args = {
         "Q": q, "K": k, "V": v, "Out": out, "Lse": lse,
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", out), **_lse_strides("sl", lse),
-        "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, "qk_scale": float(scale) * LOG2E,
+        "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, "qk_scale": float(scale) * LOG2E, **feature_args,
     }
     return LaunchPlan(
         name="fwd", kernel=_attn_fwd_kernel, args=args, constexprs=constexprs,
         configs=configs_for("fwd_decode" if sq <= DECODE_MAX_SQ else "fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype,
                             arch=arch),
-        grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal),
+        grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal, tuple(features.values())),
     )
 
 
 def backward_plans(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, arch: Optional[int] = None,
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, arch: Optional[int] = None, *,
+    window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
 ) -> List[LaunchPlan]:
     """The three launches of the backward (preprocess, dK/dV, dQ), in order, with ``arch``'s configs
     (default: q's GPU). Allocates the float32 (B, Hq, Sq) scratch buffers delta and lse2 that connect them."""
     arch = arch if arch is not None else _arch(q)
     b, hq, sq, d = q.shape
     hk, sk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
-    constexprs = _common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv)
+    feature_args, features = _feature_args(q, k, is_causal, window, softcap, alibi_slopes, lse)
+    constexprs = {**_common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv), **features}
     bucket = head_dim_bucket(d, dv_dim)
-    tune_key = _tune_key(q, k, v, is_causal)
+    tune_key = _tune_key(q, k, v, is_causal, tuple(features.values()))
     delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
 
@@ -614,7 +783,7 @@ def backward_plans(
         "Q": q, "K": k, "V": v, "DOut": dout, "Lse2": lse2, "Delta": delta,
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("sdo", dout),
     }
-    scales = {"scale": float(scale), "qk_scale": float(scale) * LOG2E}
+    scales = {"scale": float(scale), "qk_scale": float(scale) * LOG2E, **feature_args}
     dkdv = LaunchPlan(
         name="bwd_dkdv", kernel=_attn_bwd_dkdv_kernel,
         args={**common, "DK": dk, "DV": dv, **_strides("sdk", dk), **_strides("sdv", dv),
@@ -632,20 +801,24 @@ def backward_plans(
 
 
 def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float] = None,
-                  arch: Optional[int] = None) -> List[LaunchPlan]:
+                  arch: Optional[int] = None, *, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                  alibi: bool = False) -> List[LaunchPlan]:
     """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work).
 
     Outputs are allocated like the op layer does (contiguous); ``arch`` picks the candidate configs
-    (meta tensors have no GPU: None gives the generic list). For the kernel report: compile
-    each plan with each of its configs via :func:`fastgpt.tools.inspect.compiling.compile_plan`.
+    (meta tensors have no GPU: None gives the generic list); ``window``, ``softcap`` and ``alibi``
+    (slopes of shape (Hq,)) pick the variant. For the kernel report: compile each plan with each of
+    its configs via :func:`fastgpt.tools.inspect.compiling.compile_plan`.
     """
     b, hq, sq, d = q.shape
     scale = scale if scale is not None else d ** -0.5
     out = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch)
-    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch)]
+    opts = {"window": window, "softcap": softcap,
+            "alibi_slopes": torch.empty(hq, dtype=torch.float32, device=q.device) if alibi else None}
+    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch, **opts)
+    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch, **opts)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,24 +852,30 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     return None
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float) -> None:
+def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float, *,
+            window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> None:
     """Write ``out`` (B, Hq, Sq, Dv) in q's dtype and ``lse`` (B, Hq, Sq) float32 (natural log).
 
-    q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides; Sq, Sk >= 1.
+    q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides; Sq, Sk >= 1. ``window`` (left,
+    right; -1 unbounded; right is 0 when causal), ``softcap`` (0: off) and ``alibi_slopes`` ((Hq,) or
+    (B, Hq) float32 on q's device, or None) as flash-attn defines them (validated upstream).
     """
     with _on_device(q):
-        launch(forward_plan(q, k, v, out, lse, is_causal, scale))
+        launch(forward_plan(q, k, v, out, lse, is_causal, scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes))
 
 
 def backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float,
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, *,
+    window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
 ) -> None:
     """Write dq, dk, dv (shapes of q, k, v; any strides) from dout (shape of out) and ``dlse``
-    (None or (B, Hq, Sq), the gradient flowing into lse). Deterministic; GQA gradients are summed
-    over each kv head's query heads inside the dK/dV kernel."""
+    (None or (B, Hq, Sq), the gradient flowing into lse); options as in :func:`forward` (the slopes
+    get no gradient). Deterministic; GQA gradients are summed over each kv head's query heads inside
+    the dK/dV kernel."""
     with _on_device(q):
-        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale):
+        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale,
+                                   window=window, softcap=softcap, alibi_slopes=alibi_slopes):
             launch(plan)
 
 
