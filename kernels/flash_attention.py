@@ -697,7 +697,8 @@ def _feature_args(q: Tensor, k: Tensor, is_causal: bool, window: Tuple[int, int]
     alibi = alibi_slopes if alibi_slopes is not None else placeholder
     args = {"Alibi": alibi, "sab": alibi.stride(0) if alibi.dim() == 2 else 0, "sah": alibi.stride(-1),
             "win_left": left, "win_right": right, "softcap2": float(softcap) * LOG2E}
-    constexprs = {"WINDOW": left < never or right < never, "SOFTCAP": softcap > 0, "ALIBI": alibi_slopes is not None}
+    window_on = left < never or (not is_causal and right < never)
+    constexprs = {"WINDOW": window_on, "SOFTCAP": softcap > 0, "ALIBI": alibi_slopes is not None}
     return args, constexprs
 
 
