@@ -106,6 +106,13 @@ MUTATIONS = {
     "dq: dQ accumulator in 16 bits": (
         "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)",
         "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION).to(k.dtype).to(tl.float32)", "tight, long keys"),
+    # sliding window, softcap, ALiBi (tests/test_attention_window.py)
+    "window: left edge off by one (> for >=)": (
+        "keep = j >= i + causal_offset - win_left", "keep = j > i + causal_offset - win_left", "window"),
+    "dkdv: the window's far-edge query tiles skipped": ("m_end, m_hi, Sq, causal_offset", "m_end, m_end, Sq, causal_offset", "window"),
+    "dq: softcap derivative dropped": ("ds = ds * (1.0 - t * t)", "ds = ds", "softcap"),
+    "alibi: distance from the top-left corner": (
+        "slope2 * tl.abs(i + causal_offset - j)", "slope2 * tl.abs(i - j)", "softcap"),
 }
 
 
@@ -153,6 +160,23 @@ def _lse(device):
                             lambda q, k, v: tat.lse_oracle(q, k, v, True, 0.3), [q, k, v], torch.float32)
 
 
+def _window(device):
+    """A sliding window with both bounds, Sq != Sk, GQA, float32: many window-edge tiles."""
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 2, 1, 40, 56, 16))
+    check_against_torch("window", lambda q, k, v: fastgpt.attention(q, k, v, scale=0.25, window_size=(9, 5)),
+                        lambda q, k, v: attention_oracle(q, k, v, False, 0.25, window=(9, 5)), [q, k, v], torch.float32)
+
+
+def _softcap(device):
+    """Softcap with scores that saturate it, and ALiBi slopes (B, Hq), causal with Sq < Sk, float32."""
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 2, 1, 24, 40, 16))
+    slopes = torch.tensor([[0.5, 0.125]], device=device)
+    opts = {"softcap": 2.0, "alibi_slopes": slopes}
+    check_against_torch("softcap", lambda q, k, v: fastgpt.attention(q, k, v, causal=True, scale=1.0, **opts),
+                        lambda q, k, v: attention_oracle(q, k, v, True, 1.0, window=(-1, -1), **opts), [q, k, v],
+                        torch.float32)
+
+
 CHECKS = {
     # causal, Sq < Sk and Sq > Sk, ragged in both; float32 so small slips show
     "causal": lambda device: (_parity(torch.float32, True, 40, 50)(device), _parity(torch.float32, True, 50, 40)(device)),
@@ -162,6 +186,8 @@ CHECKS = {
     # many key tiles per query tile: what the dQ accumulator sees
     "tight, long keys": _tight(16, 256, 0),
     "lse": _lse,
+    "window": _window,
+    "softcap": _softcap,
 }
 
 
