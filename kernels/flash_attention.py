@@ -254,6 +254,25 @@ def _in_window(i, j, causal_offset, win_left, win_right, IS_CAUSAL: tl.constexpr
 
 
 @triton.jit
+def _gap_end(hi, gap_lo, gap_hi, SKIP: tl.constexpr):
+    """One masked loop serves both window edges, [lo, gap_lo) and [gap_hi, hi): it runs gap_hi - gap_lo
+    keys short and jumps the unmasked middle (a second masked loop would cost registers: it spilled the
+    d=128 forward on sm_80)."""
+    if SKIP:
+        return hi - (gap_hi - gap_lo)
+    else:
+        return hi
+
+
+@triton.jit
+def _gap_skip(it, gap_lo, gap_hi, SKIP: tl.constexpr):
+    if SKIP:
+        return tl.where(it < gap_lo, it, it + (gap_hi - gap_lo))
+    else:
+        return it
+
+
+@triton.jit
 def _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key tiles of query tile [m0, m0 + BLOCK_M) under the window (win_right = 0 when causal): (lo,
     full_lo, full, hi); [full_lo, full) lie in every row's window, [lo, full_lo) and [full, hi) mask, and
@@ -289,10 +308,13 @@ def _fwd_inner(
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
-    win_left, win_right, softcap2, slope2, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    gap_lo, gap_hi, win_left, win_right, softcap2, slope2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    """Online softmax over key tiles [lo, hi). MASKED tiles apply the key bound, window and causal mask."""
-    for start_n in range(lo, hi, BLOCK_N):
+    """Online softmax over key tiles [lo, hi) (masked windowed ones: less [gap_lo, gap_hi)). MASKED tiles
+    apply the key bound, window and causal mask."""
+    for it in range(lo, _gap_end(hi, gap_lo, gap_hi, WINDOW and MASKED), BLOCK_N):
+        start_n = _gap_skip(it, gap_lo, gap_hi, WINDOW and MASKED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
@@ -341,7 +363,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
-    lo = 0
+    lo = full  # masked tiles: [full, hi); with a window [lo, full_lo) and [full, hi), unmasked [full_lo, full)
     full_lo = 0
     if WINDOW:
         lo, full_lo, full, hi = _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
@@ -354,19 +376,14 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    if WINDOW:  # the window's left edge
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
-                                   offs_m, offs_d, offs_dv, lo, full_lo, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
-                                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
-                                   win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
                                offs_m, offs_d, offs_dv, full_lo, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
                                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
-                               win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
+                               full_lo, full, win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
-                               offs_m, offs_d, offs_dv, full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
+                               offs_m, offs_d, offs_dv, lo, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
                                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
-                               win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
+                               full_lo, full, win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
 
     # rows that saw no key: l = 0, out = 0, lse = -inf
     empty = l_i == 0.0
@@ -440,11 +457,13 @@ def _dkdv_inner(
     MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
-    win_left, win_right, softcap2, slope2,
+    gap_lo, gap_hi, win_left, win_right, softcap2, slope2,
     IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form."""
-    for start_m in range(lo, hi, BLOCK_M):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi) (masked windowed ones: less [gap_lo,
+    gap_hi)), in transposed (key-major) form."""
+    for it in range(lo, _gap_end(hi, gap_lo, gap_hi, WINDOW and MASKED), BLOCK_M):
+        start_m = _gap_skip(it, gap_lo, gap_hi, WINDOW and MASKED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM, True, HEAD_DIM != BLOCK_D, ALIGN)
         # rows past Sq read lse2 = +inf, so their P is exactly 0
@@ -515,6 +534,7 @@ def _attn_bwd_dkdv_kernel(
         m_full = 0
     # the window: [m_lo, m_full) and [m_end, m_hi) mask, [m_full, m_end) see the whole key tile
     m_end = Sq
+    m_hi = m_full
     if WINDOW:
         m_lo, m_full, m_end, m_hi = _window_query_range(n0, Sq, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
 
@@ -527,18 +547,13 @@ def _attn_bwd_dkdv_kernel(
         slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
         if IS_CAUSAL or WINDOW:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
-                                 sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_full, Sq, causal_offset,
+                                 sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_hi, Sq, causal_offset,
                                  qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
-                                 win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
+                                 m_full, m_end, win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
                              sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, m_end, Sq, causal_offset,
                              qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
-                             win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
-        if WINDOW:  # the window's far edge
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
-                                 sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_end, m_hi, Sq, causal_offset,
-                                 qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
-                                 win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
+                             m_full, m_end, win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
 
     _store_tile(_head_ptr(DK, b, sdkb, hk, sdkh, ALIGN), dk * scale, offs_n, sdks, offs_d, sdkd, Sk, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
@@ -554,10 +569,12 @@ def _dq_inner(
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
-    win_left, win_right, softcap2, slope2, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    gap_lo, gap_hi, win_left, win_right, softcap2, slope2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
-    for start_n in range(lo, hi, BLOCK_N):
+    """Accumulate dQ of one query tile over key tiles [lo, hi) (masked windowed ones: less [gap_lo, gap_hi))."""
+    for it in range(lo, _gap_end(hi, gap_lo, gap_hi, WINDOW and MASKED), BLOCK_N):
+        start_n = _gap_skip(it, gap_lo, gap_hi, WINDOW and MASKED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
@@ -602,7 +619,7 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
-    lo = 0
+    lo = full  # as in the forward kernel
     full_lo = 0
     if WINDOW:
         lo, full_lo, full, hi = _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
@@ -618,19 +635,14 @@ def _attn_bwd_dq_kernel(
     v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if WINDOW:  # the window's left edge
-        dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
-                       lo, full_lo, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
-                       HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
-                       win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
                    full_lo, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
-                   win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
+                   full_lo, full, win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
-                   full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
+                   lo, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
-                   win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
+                   full_lo, full, win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     _store_tile(_head_ptr(DQ, b, sdqb, h, sdqh, ALIGN), dq * scale, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
 

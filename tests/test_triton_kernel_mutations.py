@@ -40,7 +40,8 @@ pytestmark = pytest.mark.skipif(not interpreter_active(), reason="mutants run un
 MUTATIONS = {
     # causal tile bounds
     "fwd: masked key loop stops one tile early": (
-        "offs_dv, full, hi, Sk", "offs_dv, full, hi - BLOCK_N, Sk", "causal"),
+        "offs_dv, lo, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True",
+        "offs_dv, lo, hi - BLOCK_N, Sk, causal_offset, qk_scale, IS_CAUSAL, True", "causal"),
     "fwd: causal diagonal off by one (< for <=)": (
         "<= offs_m[:, None] + causal_offset)\n            s = tl.where",
         "< offs_m[:, None] + causal_offset)\n            s = tl.where", "causal"),
@@ -54,8 +55,8 @@ MUTATIONS = {
         "tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t",
         "tl.where(offs_n[:, None] < offs_m[None, :] + causal_offset, p_t", "causal"),
     "dq: masked key loop stops one tile early": (
-        "full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM",
-        "full, hi - BLOCK_N, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM", "causal"),
+        "lo, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM",
+        "lo, hi - BLOCK_N, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM", "causal"),
     # ragged-tile masks
     "fwd: key-bound mask of the ragged tile dropped": (
         "if MASKED:\n            keep = offs_n[None, :] < Sk", "if MASKED:\n            keep = offs_n[None, :] < Sk + BLOCK_N",
@@ -109,7 +110,7 @@ MUTATIONS = {
     # sliding window, softcap, ALiBi (tests/test_attention_window.py)
     "window: left edge off by one (> for >=)": (
         "keep = j >= i + causal_offset - win_left", "keep = j > i + causal_offset - win_left", "window"),
-    "dkdv: the window's far-edge query tiles skipped": ("m_end, m_hi, Sq, causal_offset", "m_end, m_end, Sq, causal_offset", "window"),
+    "dkdv: the window's far-edge query tiles skipped": ("m_lo, m_hi, Sq, causal_offset", "m_lo, m_end, Sq, causal_offset", "window"),
     "dq: softcap derivative dropped": ("ds = ds * (1.0 - t * t)", "ds = ds", "softcap"),
     "alibi: distance from the top-left corner": (
         "slope2 * tl.abs(i + causal_offset - j)", "slope2 * tl.abs(i - j)", "softcap"),

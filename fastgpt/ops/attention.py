@@ -104,10 +104,17 @@ def _backend_for(q: Tensor, k: Tensor, v: Tensor) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _backend_options(window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor]) -> dict:
+    """The options as backend keyword arguments; none at all for a plain call (the interface's original form)."""
+    if AttentionOptions(False, (window_left, window_right), softcap, alibi_slopes).plain:
+        return {}
+    return {"window": (window_left, window_right), "softcap": softcap, "alibi_slopes": alibi_slopes}
+
+
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, seq_major: bool,
                    window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     out, lse = _alloc_forward(q, v, seq_major)
-    opts = {"window": (window_left, window_right), "softcap": softcap, "alibi_slopes": alibi_slopes}
+    opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v) == "triton":
         from fastgpt.kernels import flash_attention
 
@@ -140,7 +147,7 @@ def _attention_bwd(
     alibi_slopes: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _alloc_grads(q, k, v, seq_major)
-    opts = {"window": (window_left, window_right), "softcap": softcap, "alibi_slopes": alibi_slopes}
+    opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v) == "triton":
         from fastgpt.kernels import flash_attention
 

@@ -69,7 +69,9 @@ def _case_plans(case: Dict[str, Any]):
     q = torch.empty(case["b"], case["hq"], case["sq"], case["d"] + off, dtype=dtype, device="meta")[..., off:]
     k = torch.empty(case["b"], case["hk"], case["sk"], case["d"], dtype=dtype, device="meta")
     v = torch.empty(case["b"], case["hk"], case["sk"], dv, dtype=dtype, device="meta")
-    plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"))  # per-arch config lists
+    plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"),  # per-arch config lists
+                             window=tuple(case.get("window", (-1, -1))), softcap=case.get("softcap", 0.0),
+                             alibi=case.get("alibi", False))
     out = [("fwd", plans[0])]
     if "bwd" in case["passes"]:
         out += [("bwd", p) for p in plans[1:]]
