@@ -237,6 +237,28 @@ def test_the_sdpa_shortcut_is_not_taken_with_options(device, monkeypatch):
             fastgpt.flash_attn_func(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), **kw)
 
 
+@triton.jit
+def _tanh_kernel(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, fa._tanh(tl.load(X + offs)))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+def test_softcap_tanh_is_accurate_to_a_few_ulp(device):
+    """The kernels' tanh (exp2 and FMAs; libdevice's does not run in the interpreter) against float64."""
+    x = torch.cat([torch.linspace(-40, 40, 4096 - 8), torch.tensor([0.0, 1e-30, -1e-20, 0.625, -0.625, 0.6249,
+                                                                    float("inf"), -float("inf")])]).to(device)
+    y = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, y, x.numel())
+    ref = torch.tanh(x.double())
+    ulp = (torch.nextafter(ref.float().abs(), torch.tensor(float("inf"), device=device)) - ref.float().abs()).double()
+    assert float(((y.double() - ref).abs() / ulp).max()) <= 3.0
+    assert y[-2:].tolist() == [1.0, -1.0]
+    nan = torch.full((16,), float("nan"), device=device)
+    _tanh_kernel[(1,)](nan, y[:16], 16)
+    assert torch.isnan(y[:16]).all()
+
+
 # --------------------------------------------------------------------------------------------
 # the tile bounds: exactly the tiles some row's window reaches, and unmasked only where all rows see all
 # --------------------------------------------------------------------------------------------
@@ -308,6 +330,23 @@ def test_flop_model_counts_the_window():
     # twice the window, about twice the work
     w1, w2 = (attention_flops(1, 1, 1 << 15, 1 << 15, 64, causal=True, window=(w - 1, -1)) for w in (1024, 2048))
     assert 1.95 < w2 / w1 < 2.0
+
+
+def test_inspect_models_windowed_work_in_proportion_to_the_window():
+    """`fastgpt inspect`'s byte/FLOP model follows the kernels' window bounds: the 4096-key window over
+    16k runs ~0.44x the causal useful FLOPs, and its tiles execute about that share too."""
+    from fastgpt.tools.inspect import model as im
+    from fastgpt.tools.inspect.gpus import GPUS
+
+    case = next(c for c in im.ATTENTION_CASES if c["name"] == "mistral-window-16k")
+    dense = {k: v for k, v in case.items() if k != "window"}
+    useful = im._attention_work(case, "fwd")[1] / im._attention_work(dense, "fwd")[1]
+    assert 0.43 < useful < 0.45
+    for kernel, (bm, bn) in (("fwd", (128, 64)), ("bwd_dq", (128, 32)), ("bwd_dkdv", (16, 64))):
+        rec = {"kernel": kernel, "config": {"block_m": bm, "block_n": bn, "num_warps": 8, "num_stages": 2},
+               "block_d": 128, "block_dv": 128}
+        executed = [im._attention_model(rec, c, resident=132, gpu=GPUS[0])["exec_flops"] for c in (case, dense)]
+        assert useful < executed[0] / executed[1] < useful + 0.02, (kernel, executed)
 
 
 # --------------------------------------------------------------------------------------------

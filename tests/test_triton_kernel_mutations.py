@@ -113,7 +113,7 @@ MUTATIONS = {
     "dkdv: the window's far-edge query tiles skipped": ("m_lo, m_hi, Sq, causal_offset", "m_lo, m_end, Sq, causal_offset", "window"),
     "dq: softcap derivative dropped": ("ds = ds * (1.0 - t * t)", "ds = ds", "softcap"),
     "alibi: distance from the top-left corner": (
-        "slope2 * tl.abs(i + causal_offset - j)", "slope2 * tl.abs(i - j)", "softcap"),
+        "tl.abs((i + causal_offset).to(tl.float32)", "tl.abs((i + 0).to(tl.float32)", "softcap"),
 }
 
 
