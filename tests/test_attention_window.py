@@ -26,6 +26,7 @@ import triton.language as tl  # noqa: E402
 from fastgpt.kernels import flash_attention as fa  # noqa: E402
 from fastgpt.kernels import flash_attention_configs as fa_configs  # noqa: E402
 from fastgpt.kernels.flash_attention import _window_key_range, _window_query_range  # noqa: E402,F401 (used in jit code)
+from test_attention_triton import _default_config_on_gpu, launches  # noqa: E402,F401 (the suite's fixtures)
 
 
 class Case(NamedTuple):
@@ -92,24 +93,6 @@ def check(case: Case, device, *, entry: str = "attention", backend: str = "trito
         fwd = next(p for p in launches if p.name == "fwd")
         return {name: fwd.constexprs[name] for name in ("IS_CAUSAL", "WINDOW", "SOFTCAP", "ALIBI")}
     return None
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    seen = []
-    real = fa.launch
-
-    def spy(plan):
-        seen.append(plan)
-        return real(plan)
-
-    monkeypatch.setattr(fa, "launch", spy)
-    return seen
-
-
-@pytest.fixture(autouse=True)
-def _default_config_on_gpu(monkeypatch):
-    monkeypatch.setenv("FASTGPT_AUTOTUNE", "0")
 
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
