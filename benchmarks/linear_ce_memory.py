@@ -1,6 +1,7 @@
 """Memory of fastgpt.linear_cross_entropy (reference path) against eager (matmul + F.cross_entropy).
 
-    python benchmarks/linear_ce_memory.py [--tokens 8192] [--vocab 50304 128256] [--dim 768] [--device meta|cpu] [--json]
+    python benchmarks/linear_ce_memory.py [--tokens 8192] [--vocab 50304 128256] [--dim 768] [--device meta|cpu]
+        [--dtype float32|bfloat16] [--accum-dtype bfloat16] [--json]
 
 A forward + backward of the mean loss is run inside :func:`fastgpt.testing.allocation_recorder`,
 which records every tensor allocated at the dispatcher: the largest one, and the peak of the bytes
@@ -23,8 +24,9 @@ from fastgpt import backends
 from fastgpt.testing import allocation_recorder
 
 
-def measure(tokens: int, vocab: int, dim: int, device: str, dtype: torch.dtype) -> dict:
-    row = {"tokens": tokens, "vocab": vocab, "dim": dim, "device": device, "dtype": str(dtype).replace("torch.", "")}
+def measure(tokens: int, vocab: int, dim: int, device: str, dtype: torch.dtype, accum_dtype=None) -> dict:
+    row = {"tokens": tokens, "vocab": vocab, "dim": dim, "device": device, "dtype": str(dtype).replace("torch.", ""),
+           "accum_dtype": str(accum_dtype).replace("torch.", "") if accum_dtype else "default"}
     for name in ("eager", "fastgpt"):
         x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(vocab, dim, device=device, dtype=dtype, requires_grad=True)
@@ -35,7 +37,7 @@ def measure(tokens: int, vocab: int, dim: int, device: str, dtype: torch.dtype) 
                 if name == "eager":
                     loss = F.cross_entropy(x @ w.t(), target)
                 else:
-                    loss = fastgpt.linear_cross_entropy(x, w, target)
+                    loss = fastgpt.linear_cross_entropy(x, w, target, accum_dtype=accum_dtype)
                 loss.backward()
                 del loss
         row[name] = {"largest_bytes": rec.largest, "largest_shape": list(rec.largest_shape), "peak_bytes": rec.peak}
@@ -51,19 +53,24 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--device", choices=("meta", "cpu"), default="meta")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--accum-dtype", choices=("bfloat16",), default=None,
+                   help="fastgpt's accum_dtype (dweight summed in bfloat16 across chunks; needs --dtype bfloat16)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     for name, value in (("--tokens", a.tokens), ("--dim", a.dim), *(("--vocab", v) for v in a.vocab)):
         if value < 1:
             p.error(f"{name} must be >= 1; got {value}")
-    rows = [measure(a.tokens, v, a.dim, a.device, getattr(torch, a.dtype)) for v in a.vocab]
+    if a.accum_dtype and a.dtype != a.accum_dtype:
+        p.error(f"--accum-dtype {a.accum_dtype} needs --dtype {a.accum_dtype}")
+    accum = getattr(torch, a.accum_dtype) if a.accum_dtype else None
+    rows = [measure(a.tokens, v, a.dim, a.device, getattr(torch, a.dtype), accum) for v in a.vocab]
     if a.json:
         print(json.dumps(rows, indent=1))
         return
     mib = 2**20
     for r in rows:
         e, f = r["eager"], r["fastgpt"]
-        print(f"T={r['tokens']} V={r['vocab']} D={r['dim']} {r['dtype']} on {r['device']}: "
+        print(f"T={r['tokens']} V={r['vocab']} D={r['dim']} {r['dtype']} (accum {r['accum_dtype']}) on {r['device']}: "
               f"largest tensor eager {e['largest_bytes'] / mib:.1f} MiB {e['largest_shape']} vs fastgpt {f['largest_bytes'] / mib:.1f} MiB "
               f"{f['largest_shape']}; peak alive eager {e['peak_bytes'] / mib:.1f} MiB vs fastgpt {f['peak_bytes'] / mib:.1f} MiB "
               f"({100 * r['peak_ratio']:.1f}%)")

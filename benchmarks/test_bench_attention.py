@@ -9,6 +9,11 @@ before timing), and flash-attn when installed. fastgpt runs ``use_backend("trito
 Reported: TFLOP/s (4*B*H*S^2*D per forward, halved when causal; backward 2.5x forward) and its % of
 the bf16 matmul measured in the same run. Targets (docs/design.md, 'Performance targets and the byte/FLOP model'): forward >= 1.0x the best SDPA
 backend, forward+backward >= 0.9x, >= 5x eager at S = 4096.
+
+Packed sequences (``varlen_attention``, fastgpt.flash_attn_varlen_func): B sequences with lengths spread
+over [Smax/8, Smax] (``length_mix``), d=128, against torch's SDPA on the same batch padded to Smax
+(every backend that takes it; the key-padding mask of non-causal calls rules out its flash backend)
+and flash-attn's own varlen function. TFLOP/s count each sequence's own S^2 work; target >= 1.0x padded SDPA.
 """
 
 import os

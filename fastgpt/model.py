@@ -1,4 +1,4 @@
-"""GPT: nanoGPT's model on fastgpt's ops, Hugging Face GPT-2 weight import, and generation with a KV cache.
+"""GPT: nanoGPT's model on fastgpt's ops, its Llama-style variant, Hugging Face import, and generation with a KV cache.
 
 ``GPTConfig`` and ``GPT`` keep nanoGPT's API and parameter names (``transformer.wte``, ``wpe``, ``drop``,
 ``h.N.ln_1``, ``h.N.attn.c_attn``, ``h.N.attn.c_proj``, ``h.N.ln_2``, ``h.N.mlp.c_fc``, ``h.N.mlp.c_proj``,
@@ -9,10 +9,17 @@ What is computed differently from nanoGPT (the numbers stay within the parity ru
 
 * attention is :func:`fastgpt.flash_attn_func` (one custom op; the heads are read in place),
 * the MLP's bias + GELU is :func:`fastgpt.bias_gelu` after a bias-free ``F.linear``,
-* each residual add is fused with the layer norm that follows it (:func:`fastgpt.add_layer_norm`),
-  across block boundaries too (the MLP output of block i is added inside block i+1's ``ln_1``).
+* each residual add is fused with the norm that follows it (:func:`fastgpt.add_layer_norm` or
+  :func:`fastgpt.add_rms_norm`), across block boundaries too (the MLP output of block i is added
+  inside block i+1's ``ln_1``).
 
 ``GPT.use_fused_ops`` (default True) switches the last two off, for comparisons.
+
+The Llama-style options of ``GPTConfig`` (``norm="rmsnorm"``, ``positional="rotary"``, ``mlp="swiglu"``,
+``n_kv_head``, ``tie_embeddings=False``; ``ARCHITECTURES["llama"]`` sets them) build the same model with
+RMSNorm, rotary embeddings, a SwiGLU MLP and grouped-query attention, and train with the fused
+linear cross-entropy (:attr:`GPT.fused_loss`). The modules live in :mod:`fastgpt.model_blocks`, the
+Hugging Face import in :mod:`fastgpt.model_hf`.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -29,19 +35,41 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import fastgpt
-from fastgpt.nn import GELU, CausalSelfAttention, KVCache, LayerNorm
+from fastgpt.model_blocks import MLP, Block, SwiGLUMLP, _add_then_norm, _plain_linear, make_norm, rope_tables
+from fastgpt.nn import KVCache
 
-__all__ = ["GPTConfig", "GPT", "Block", "MLP"]
+__all__ = ["GPTConfig", "GPT", "Block", "MLP", "SwiGLUMLP", "ARCHITECTURES"]
 
 _GELU_APPROXIMATIONS = ("none", "tanh")
+_NORMS = ("layernorm", "rmsnorm")
+_POSITIONALS = ("learned", "rotary")
+_MLPS = ("gelu", "swiglu")
+
+# named architectures (``fastgpt train --arch``): the GPTConfig fields each sets
+ARCHITECTURES = {
+    "gpt2": {},
+    "llama": dict(norm="rmsnorm", positional="rotary", mlp="swiglu", tie_embeddings=False),
+}
 
 
 @dataclass
 class GPTConfig:
-    """nanoGPT's GPTConfig (same fields, defaults and meaning) plus ``gelu_approximate``.
+    """nanoGPT's GPTConfig (same fields, defaults and meaning) plus options; the defaults are GPT-2.
 
-    ``gelu_approximate`` is "none" (erf GELU, nanoGPT's ``nn.GELU()``) or "tanh" (GPT-2's
-    ``gelu_new``, what :meth:`GPT.from_hf` sets for OpenAI GPT-2 weights).
+    * ``gelu_approximate``: "none" (erf GELU, nanoGPT's ``nn.GELU()``) or "tanh" (GPT-2's
+      ``gelu_new``, what :meth:`GPT.from_hf` sets for OpenAI GPT-2 weights).
+    * ``norm``: "layernorm" (bias iff ``bias``) or "rmsnorm" (no bias); ``norm_eps`` its epsilon.
+    * ``positional``: "learned" (``transformer.wpe``) or "rotary" (no ``wpe``; Llama's half-rotation
+      rotary embeddings with base ``rope_theta``; needs an even head dim). No rope scaling.
+    * ``mlp``: "gelu" (c_fc, GELU, c_proj) or "swiglu" (c_fc holds gate then up; ``c_proj(silu(gate) * up)``);
+      ``intermediate_size``: the MLP's hidden width, default 4 * n_embd for "gelu" and Llama's rule for
+      "swiglu" (2/3 of 4 * n_embd, rounded up to a multiple of 256).
+    * ``n_kv_head``: key/value heads (grouped-query attention; divides n_head; default n_head).
+    * ``qkv_bias``: bias in the q, k, v projection (default: ``bias``; Qwen2 has it without other biases).
+    * ``tie_embeddings``: lm_head shares wte's weight (GPT-2, nanoGPT) or has its own (Llama).
+
+    A bad value raises ValueError naming the field. The fields hold plain data (checkpoints store
+    ``dataclasses.asdict(config)``; a checkpoint from before a field existed rebuilds with its default).
     """
 
     block_size: int = 1024
@@ -52,109 +80,99 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in the Linears and LayerNorms, like GPT-2
     gelu_approximate: str = "none"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    positional: str = "learned"
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"
+    intermediate_size: Optional[int] = None
+    n_kv_head: Optional[int] = None
+    qkv_bias: Optional[bool] = None
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"GPTConfig: {name} must be {expected}; got {getattr(self, name)!r}")
+
         for name in ("block_size", "vocab_size", "n_head", "n_embd"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"GPTConfig: {name} must be a positive integer; got {getattr(self, name)!r}")
+                fail(name, "a positive integer")
         if self.n_layer < 0:
-            raise ValueError(f"GPTConfig: n_layer must be >= 0; got {self.n_layer!r}")
+            fail("n_layer", ">= 0")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig: dropout must be in [0, 1); got {self.dropout!r}")
-        if self.gelu_approximate not in _GELU_APPROXIMATIONS:
-            raise ValueError(f"GPTConfig: gelu_approximate must be 'none' or 'tanh'; got {self.gelu_approximate!r}")
+            fail("dropout", "in [0, 1)")
+        for name, choices in (("gelu_approximate", _GELU_APPROXIMATIONS), ("norm", _NORMS), ("positional", _POSITIONALS), ("mlp", _MLPS)):
+            if getattr(self, name) not in choices:
+                fail(name, " or ".join(map(repr, choices)))
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                fail(name, "a finite number > 0")
+        for name in ("intermediate_size", "n_kv_head"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                fail(name, "None or a positive integer")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
+            fail("qkv_bias", "None or a bool")
+        if not isinstance(self.tie_embeddings, bool):
+            fail("tie_embeddings", "a bool")
+        if self.positional == "rotary" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig: positional 'rotary' needs an even head dim; n_embd / n_head = {self.head_dim}")
 
+    # derived values (computed on use: nanoGPT code edits config fields after construction)
 
-def _plain_linear(m: nn.Module) -> bool:
-    """True when calling F.linear on m's weight is what m(x) does (no subclass such as a LoRA wrapper, no hooks)."""
-    return type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_head, or n_head when it is None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
 
-def _plain_layer_norm(m: nn.Module) -> bool:
-    return type(m) is LayerNorm and len(m.normalized_shape) == 1 and not m._forward_hooks and not m._forward_pre_hooks
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: intermediate_size, or its default (see the class docstring)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 256 * math.ceil(int(2 * 4 * self.n_embd / 3) / 256)
 
+    @property
+    def mha_learned(self) -> bool:
+        """Attention is nanoGPT's: as many kv heads as query heads, learned positions, qkv bias as ``bias``."""
+        return self.kv_heads == self.n_head and self.positional == "learned" and self.qkv_bias in (None, self.bias)
 
-def _add_then_norm(sub: Tensor, x: Tensor, ln: nn.Module, fused: bool) -> Tuple[Tensor, Tensor]:
-    """``s = x + sub`` (the residual stream) and ``ln(s)``; one fused op when ``fused`` and ln allows it.
-
-    The sum takes the promoted dtype, as eager ``x + sub`` does (under autocast the residual stream
-    stays float32 while the sublayer output is bfloat16).
-    """
-    if fused and _plain_layer_norm(ln):
-        dtype = torch.promote_types(x.dtype, sub.dtype)
-        y, s = fastgpt.add_layer_norm(sub.to(dtype), x.to(dtype), ln.weight, ln.bias, ln.eps)
-        return y, s
-    s = x + sub
-    return ln(s), s
-
-
-class MLP(nn.Module):
-    """nanoGPT's MLP: c_fc (n_embd -> 4 n_embd), GELU, c_proj (4 n_embd -> n_embd), dropout."""
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = GELU(approximate=config.gelu_approximate)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-        self.use_fused_ops = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.use_fused_ops and self.c_fc.bias is not None and _plain_linear(self.c_fc) and type(self.gelu) is GELU:
-            # the bias add moves from the matmul into the GELU pass: one read and write less
-            h = fastgpt.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.gelu.approximate)
-        else:
-            h = self.gelu(self.c_fc(x))
-        return self.dropout(self.c_proj(h))
-
-
-class Block(nn.Module):
-    """nanoGPT's pre-norm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
-
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-        self.use_fused_ops = True
-
-    def forward(
-        self, x: Tensor, kv_cache: Optional[KVCache] = None, *, pending: Optional[Tensor] = None, defer_residual: bool = False
-    ) -> Tensor:
-        """``x + attn(...) + mlp(...)``; with ``defer_residual=True`` returns :meth:`forward_residual`'s pair.
-
-        GPT calls its blocks through here (``block(...)``), so module hooks, FSDP's unsharding and
-        activation-checkpoint wrappers apply to each block as they do for nanoGPT's.
-        """
-        if defer_residual:
-            return self.forward_residual(x, pending, kv_cache)
-        x, m = self.forward_residual(x, pending, kv_cache)
-        return x + m
-
-    def forward_residual(self, x: Tensor, pending: Optional[Tensor], kv_cache: Optional[KVCache] = None) -> Tuple[Tensor, Tensor]:
-        """The block with its last residual add deferred: returns ``(x, m)`` where the output is ``x + m``.
-
-        ``pending``, the previous block's deferred MLP output (or None), is added to x inside ln_1,
-        so consecutive blocks fuse every residual add with the layer norm that follows it.
-        """
-        fused = self.use_fused_ops
-        if pending is None:
-            h = self.ln_1(x)
-        else:
-            h, x = _add_then_norm(pending, x, self.ln_1, fused)
-        h, x = _add_then_norm(self.attn(h, kv_cache), x, self.ln_2, fused)
-        return x, self.mlp(h)
+    @property
+    def gpt2_architecture(self) -> bool:
+        """Every option at GPT-2's value: the model nanoGPT builds (and whose checkpoints it loads)."""
+        return (self.mha_learned and self.norm == "layernorm" and self.norm_eps == 1e-5 and self.mlp == "gelu"
+                and self.mlp_hidden == 4 * self.n_embd and self.tie_embeddings)
 
 
 class GPT(nn.Module):
     """nanoGPT's GPT language model (same constructor, methods, parameter names and initialisation).
 
     ``forward(idx, targets=None)`` takes token ids idx (B, T) int64, T <= block_size, and returns
-    ``(logits, loss)``: logits (B, T, vocab_size) and the mean cross-entropy (targets -1 are ignored)
-    when targets (B, T) are given, else logits (B, 1, vocab_size) for the last position and None.
+    ``(logits, loss)``. Without targets: logits (B, 1, vocab_size) of the last position, and None.
+    With targets (B, T) the loss is the mean cross-entropy (targets -1 are ignored), and the logits
+    depend on :attr:`fused_loss`:
+
+    * ``fused_loss`` False (the default for GPT-2's architecture, nanoGPT's contract): logits
+      (B, T, vocab_size), and the loss computed from them;
+    * ``fused_loss`` True (the default for every other configuration, e.g. Llama-style): logits are
+      **None**, and the loss is :func:`fastgpt.linear_cross_entropy` of the final hidden states and the
+      lm_head weight, chunk by chunk: the (B*T, vocab_size) logits never exist, in the forward or the
+      backward (as Liger-Kernel's fused loss, which also returns no logits). Under autocast its
+      matmuls run in the autocast dtype, as ``lm_head(x)`` would, and the loss has that dtype.
+
+    Set ``model.fused_loss`` to choose. An lm_head that is not a plain ``nn.Linear`` (hooks, a LoRA
+    wrapper) is always called, with the logits returned.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -162,17 +180,19 @@ class GPT(nn.Module):
         if config.vocab_size is None or config.block_size is None:
             raise ValueError("GPT: config.vocab_size and config.block_size must be set")
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positional == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config),
         )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 and nanoGPT
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 and nanoGPT
+        self.fused_loss = not config.gpt2_architecture
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
@@ -182,7 +202,7 @@ class GPT(nn.Module):
 
     @property
     def use_fused_ops(self) -> bool:
-        """Fuse bias + GELU and residual add + layer norm (default True); False runs the plain formulation."""
+        """Fuse bias + GELU and residual add + norm (default True); False runs the plain formulation."""
         return all(b.use_fused_ops for b in self.transformer.h) if len(self.transformer.h) else True
 
     @use_fused_ops.setter
@@ -191,10 +211,12 @@ class GPT(nn.Module):
             b.use_fused_ops = b.mlp.use_fused_ops = bool(value)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Number of parameters; ``non_embedding`` subtracts the position embeddings (wte is shared with lm_head)."""
+        """Number of parameters; ``non_embedding`` subtracts the embedding tables that are only looked up:
+        the position embeddings, and wte when it is not tied to lm_head (a tied wte is a matmul weight)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            tables = [self.transformer[k].weight for k in ("wpe", "wte") if k in self.transformer]
+            n -= sum(w.numel() for w in tables if w is not self.lm_head.weight)
         return n
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -205,15 +227,27 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         x = self._hidden(idx, None)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        else:
-            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position (a list keeps the time dim)
-            loss = None
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position (a list keeps the time dim)
+        if self.fused_loss and _plain_linear(self.lm_head):
+            return None, self._fused_loss(x, targets)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _fused_loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of ``lm_head(x)`` against targets (-1 ignored), without the logits."""
+        w, device = self.lm_head.weight, x.device.type
+        if torch.is_autocast_enabled(device):  # the matmuls in the autocast dtype, as lm_head(x) would run them
+            dtype = torch.get_autocast_dtype(device)
+            x, w = x.to(dtype), w.to(dtype)
+        elif x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        with torch.autocast(device, enabled=False):  # the op's own matmuls keep the dtype chosen here
+            # a float32 loss, as F.cross_entropy gives under autocast (it runs in float32 there)
+            return fastgpt.linear_cross_entropy(x, w, targets, ignore_index=-1, loss_dtype=torch.float32)
 
     def _hidden(self, idx: Tensor, caches: Optional[List[KVCache]]) -> Tensor:
         """Final hidden states (B, T, n_embd) of idx (B, T); with caches, idx continues the cached positions."""
@@ -223,11 +257,17 @@ class GPT(nn.Module):
         start = caches[0].length if caches else 0
         if start + t > self.config.block_size:
             raise ValueError(f"GPT: cannot forward a sequence of length {start + t}: block_size is only {self.config.block_size}")
-        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        pending = None
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.positional == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + t, dtype=torch.long, device=idx.device))
+        else:  # the tables of these positions (float64 for a float64 model, else float32), shared by all blocks
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            rope = rope_tables(start, t, self.config.head_dim, self.config.rope_theta, idx.device, dtype)
+        x = self.transformer.drop(x)
+        pending, kw = None, ({} if rope is None else {"rope": rope})
         for i, block in enumerate(self.transformer.h):
-            x, pending = block(x, caches[i] if caches else None, pending=pending, defer_residual=True)
+            x, pending = block(x, caches[i] if caches else None, pending=pending, defer_residual=True, **kw)
         if pending is None:
             return self.transformer.ln_f(x)
         return _add_then_norm(pending, x, self.transformer.ln_f, self.use_fused_ops)[0]
@@ -237,7 +277,8 @@ class GPT(nn.Module):
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"crop_block_size: block_size must be in [1, {self.config.block_size}]; got {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str) -> torch.optim.AdamW:
         """AdamW with weight decay on the 2-D parameters (matmul weights, embeddings) only; fused on CUDA."""
@@ -273,15 +314,17 @@ class GPT(nn.Module):
         ``model.eval()`` first. With ``use_cache`` (the default) the prompt is run once (prefill) and
         each new token attends to the cached keys and values (one query over the cached keys; the
         bottom-right causal mask makes that exact). Once the context is full the window slides and
-        every position embedding changes, so cached keys are stale: from then on each step recomputes
-        the window without a cache, exactly what nanoGPT computes.
+        every position (learned or rotary) changes, so cached keys are stale: from then on each step
+        recomputes the window without a cache, exactly what nanoGPT computes. The cache holds
+        min(block_size, T + max_new_tokens) positions per layer, of n_kv_head heads.
         """
         bs = self.config.block_size
-        caches = [KVCache(bs) for _ in self.transformer.h] if use_cache and len(self.transformer.h) else None
+        capacity = max(1, min(bs, idx.shape[1] + max_new_tokens))
+        caches = [KVCache(capacity) for _ in self.transformer.h] if use_cache and len(self.transformer.h) else None
         for _ in range(max_new_tokens):
             if caches is not None and caches[0].length == 0:
                 x = self._hidden(idx[:, -bs:], caches)  # prefill
-            elif caches is not None and caches[0].length < bs:
+            elif caches is not None and caches[0].length < capacity:
                 x = self._hidden(idx[:, -1:], caches)  # one new position
             else:
                 caches = None
@@ -305,31 +348,30 @@ class GPT(nn.Module):
 
     @classmethod
     def from_hf(cls, model_or_path, dropout: float = 0.0) -> "GPT":
-        """A GPT with the weights of a Hugging Face GPT-2 model: a ``GPT2LMHeadModel`` (or ``GPT2Model``)
-        object, or the path of a local folder written by its ``save_pretrained``. Never downloads.
+        """A GPT with the weights of a Hugging Face model, given as an object or as the path of a local
+        folder written by its ``save_pretrained`` (weights read with ``weights_only=True`` or from
+        safetensors). Never downloads.
 
-        HF's Conv1D weights (in, out) are transposed to nn.Linear's (out, in). The GELU approximation
-        follows ``config.activation_function`` ("gelu_new" and friends: tanh). The result is on the HF
-        model's device and dtype, in training mode like a new module; ``dropout`` sets GPTConfig.dropout.
-        Raises ValueError for GPT-2 options this architecture does not have (cross-attention, untied
-        lm_head, n_inner != 4 n_embd, layer_norm_epsilon != 1e-5, unscaled or layer-scaled attention).
+        * GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``): HF's Conv1D weights (in, out) are transposed to
+          nn.Linear's (out, in); the GELU approximation follows ``config.activation_function``
+          ("gelu_new" and friends: tanh). Raises ValueError for options this architecture does not
+          have (cross-attention, untied lm_head, n_inner != 4 n_embd, layer_norm_epsilon != 1e-5,
+          unscaled or layer-scaled attention).
+        * Llama family (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, or their
+          base models when the embeddings are tied): RMSNorm, rotary, SwiGLU, GQA, Qwen2's q/k/v bias;
+          q, k, v are concatenated into ``attn.c_attn`` and gate, up into ``mlp.c_fc``, with no
+          permutation (HF's rotate_half pairs the dims fastgpt's rotary pairs). block_size is
+          ``max_position_embeddings`` (for Mistral at most ``sliding_window``, within which its
+          attention is plain causal). Raises ValueError for rope scaling (Llama 3.1's "llama3" and
+          others), partial rotary, a head_dim other than hidden_size / num_attention_heads, attention or
+          MLP biases, sliding-window layers, or an activation other than SiLU.
+
+        The result is on the HF model's device and dtype, in training mode like a new module;
+        ``dropout`` sets GPTConfig.dropout.
         """
-        hf = _load_hf_gpt2(model_or_path)
-        config = _config_from_hf(hf.config, dropout)
-        hf_sd = hf.state_dict()
-        base = "transformer." if any(k.startswith("transformer.") for k in hf_sd) else ""
-        wte = hf_sd[base + "wte.weight"]
-        head = hf_sd.get("lm_head.weight")
-        if head is not None and head.data_ptr() != wte.data_ptr() and not torch.equal(head, wte):
-            raise ValueError("GPT.from_hf: the model's lm_head is not tied to wte; fastgpt.GPT ties them (as GPT-2)")
-        model = cls(config).to(device=wte.device, dtype=wte.dtype)
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        sd = {}
-        for key in model.state_dict():
-            src = wte if key == "lm_head.weight" else hf_sd[base + key.removeprefix("transformer.")]
-            sd[key] = src.t() if key.endswith(conv1d) else src
-        model.load_state_dict(sd, strict=True)
-        return model
+        from fastgpt import model_hf
+
+        return model_hf.from_hf(cls, model_or_path, dropout)
 
     @classmethod
     def from_pretrained(cls, model_type: str, override_args: Optional[dict] = None) -> "GPT":
@@ -347,63 +389,3 @@ class GPT(nn.Module):
 
         hf = GPT2LMHeadModel.from_pretrained(model_type, local_files_only=True, weights_only=True)
         return cls.from_hf(hf, dropout=override_args.get("dropout", 0.0))
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face import helpers (transformers is imported only here, on use)
-# --------------------------------------------------------------------------------------------
-
-_HF_TANH = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh")
-_HF_ERF = ("gelu", "gelu_python")
-
-
-def _load_hf_gpt2(model_or_path):
-    if isinstance(model_or_path, (str, os.PathLike)):
-        path = os.fspath(model_or_path)
-        if not os.path.isdir(path):
-            raise ValueError(
-                f"GPT.from_hf: {path!r} is not a local folder; pass a GPT2LMHeadModel or a folder written by "
-                "save_pretrained (fastgpt never downloads weights)"
-            )
-        from transformers import GPT2LMHeadModel
-
-        try:  # weights_only: a pickled .bin file is read by torch's safe unpickler, never executed
-            return GPT2LMHeadModel.from_pretrained(path, local_files_only=True, weights_only=True)
-        except pickle.UnpicklingError:
-            raise ValueError(f"GPT.from_hf: {path!r} holds weights with objects other than tensors; refused (nothing in them was run)") from None
-    config = getattr(model_or_path, "config", None)
-    if not isinstance(model_or_path, nn.Module) or getattr(config, "model_type", None) != "gpt2":
-        raise TypeError(
-            f"GPT.from_hf: expected a transformers GPT2LMHeadModel/GPT2Model or a folder path; got {type(model_or_path).__name__}"
-        )
-    return model_or_path
-
-
-def _config_from_hf(hf_cfg, dropout: float) -> GPTConfig:
-    act = hf_cfg.activation_function
-    if act in _HF_TANH:
-        approximate = "tanh"
-    elif act in _HF_ERF:
-        approximate = "none"
-    else:
-        raise ValueError(f"GPT.from_hf: activation_function {act!r} is not a GELU fastgpt.GPT implements")
-    checks = [
-        ("n_inner", hf_cfg.n_inner in (None, 4 * hf_cfg.n_embd), "None or 4 * n_embd"),
-        ("layer_norm_epsilon", hf_cfg.layer_norm_epsilon == 1e-5, "1e-5"),
-        ("scale_attn_weights", bool(hf_cfg.scale_attn_weights), "True"),
-        ("scale_attn_by_inverse_layer_idx", not hf_cfg.scale_attn_by_inverse_layer_idx, "False"),
-        ("add_cross_attention", not getattr(hf_cfg, "add_cross_attention", False), "False"),
-    ]
-    for name, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"GPT.from_hf: config.{name} = {getattr(hf_cfg, name)!r} is not supported; expected {expected}")
-    return GPTConfig(
-        block_size=hf_cfg.n_positions,
-        vocab_size=hf_cfg.vocab_size,
-        n_layer=hf_cfg.n_layer,
-        n_head=hf_cfg.n_head,
-        n_embd=hf_cfg.n_embd,
-        dropout=dropout,
-        bias=True,
-        gelu_approximate=approximate,
-    )

@@ -18,7 +18,7 @@ from torch import Tensor
 
 import fastgpt
 
-__all__ = ["LayerNorm", "RMSNorm", "GELU", "CausalSelfAttention", "KVCache"]
+__all__ = ["LayerNorm", "RMSNorm", "GELU", "CausalSelfAttention", "KVCache", "causal_attention"]
 
 DECODE_MAX_SQ = 16  # steps of at most this many new positions use the decode op (its kernel's limit)
 
@@ -156,11 +156,17 @@ class CausalSelfAttention(torch.nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         shape = (b, t, self.n_head, c // self.n_head)
         q, k, v = q.view(shape), k.view(shape), v.view(shape)
-        if kv_cache is not None and kv_cache.length > 0 and t <= DECODE_MAX_SQ and not torch.is_grad_enabled():
-            y = kv_cache.attend(q, k, v)  # a decode step: the split-KV kernel over the preallocated cache
-        else:
-            if kv_cache is not None:
-                k, v = kv_cache.append(k, v)
-            dropout_p = self.dropout if self.training else 0.0
-            y = fastgpt.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+        y = causal_attention(q, k, v, kv_cache, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.reshape(b, t, c)))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Optional[KVCache] = None, dropout_p: float = 0.0) -> Tensor:
+    """Causal attention of q (B, T, Hq, D) over k, v (B, T, Hk, D) (Hk divides Hq: GQA, no copies),
+    through ``kv_cache`` when given: a short step without gradient is a decode step over the cached
+    keys (:meth:`KVCache.attend`); otherwise the new keys are appended and the queries attend to
+    everything cached (bottom-right causal mask). Returns (B, T, Hq, D)."""
+    if kv_cache is not None and kv_cache.length > 0 and q.shape[1] <= DECODE_MAX_SQ and not torch.is_grad_enabled():
+        return kv_cache.attend(q, k, v)  # a decode step: the split-KV kernel over the preallocated cache
+    if kv_cache is not None:
+        k, v = kv_cache.append(k, v)
+    return fastgpt.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)

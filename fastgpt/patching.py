@@ -11,7 +11,11 @@ What is recognised (each family can be switched off with ``ops``):
 * ``attention``: nanoGPT-style ``CausalSelfAttention`` (``c_attn``/``c_proj``/``n_head``/``n_embd``,
   flash or masked-softmax path: the forward may reference nothing beyond what nanoGPT's does); Hugging
   Face GPT-2 (``GPT2Attention``): "fastgpt" is registered with transformers' ``AttentionInterface``
-  (and its mask interface) and the model's ``config._attn_implementation`` is switched to it.
+  (and its mask interface) and the model's ``config._attn_implementation`` is switched to it; the
+  same for Hugging Face Llama, Mistral and Qwen2 attention (GQA included).
+* ``rms_norm``, ``rotary``, ``swiglu``, ``linear_cross_entropy``: ``torch.nn.RMSNorm`` anywhere and the
+  Hugging Face Llama family's norms, rotary application, SiLU MLPs and causal-LM loss
+  (``fastgpt/patching_llama.py`` says what each becomes).
 
 How: a module is patched by switching its ``__class__`` to a subclass of its own class whose forward
 calls fastgpt's op. The module object, its parameters (same ``Parameter`` objects, same names), buffers
@@ -24,7 +28,6 @@ must reproduce the original one, else the module is left alone and the report sa
 
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional, Tuple
@@ -35,6 +38,7 @@ from torch import Tensor, nn
 import fastgpt
 from fastgpt import reference, registry
 from fastgpt import nn as fnn
+from fastgpt import patching_llama as llama
 from fastgpt.ops._checks import is_compiling
 
 __all__ = ["patch", "unpatch", "PatchReport", "OPS"]
@@ -109,6 +113,12 @@ _DESCRIPTION = {
     "gelu_erf": "fastgpt.gelu(approximate='none')",
     "nanogpt_attention": "fastgpt.flash_attn_func(causal=True)",
 }
+_KINDS.update(llama.KINDS)
+_FAMILY.update(llama.FAMILY)
+_DESCRIPTION.update(llama.DESCRIPTION)
+# kind -> the extra attributes of its patched class, made from the original class (a forward of its own,
+# a kept "__name__")
+_CLASS_ATTRS: Dict[str, Callable[[type], dict]] = dict(llama.CLASS_ATTRS)
 _CLASSES: Dict[Tuple[type, str], type] = {}
 
 
@@ -130,15 +140,19 @@ def patched_class(original: type, kind: str) -> type:
     key = (original, kind)
     cls = _CLASSES.get(key)
     if cls is None:
+        attrs = _CLASS_ATTRS[kind](original) if kind in _CLASS_ATTRS else {}
+        name = attrs.pop("__name__", f"Fastgpt{original.__name__}")
         cls = type(
-            f"Fastgpt{original.__name__}",
+            name,
             (_KINDS[kind], original),
             {
                 "_fastgpt_original_class": original,
                 "_fastgpt_kind": kind,
                 "__reduce_ex__": _reduce_ex,
                 "__module__": __name__,
+                "__qualname__": name,
                 "__doc__": f"{original.__module__}.{original.__qualname__} computed by fastgpt ({kind}).",
+                **attrs,
             },
         )
         _CLASSES[key] = cls
@@ -159,7 +173,7 @@ def _type_name(cls: type) -> str:
 # recognising modules
 # --------------------------------------------------------------------------------------------
 
-_FASTGPT_NATIVE = (fnn.LayerNorm, fnn.GELU, fnn.CausalSelfAttention)
+_FASTGPT_NATIVE = (fnn.LayerNorm, fnn.RMSNorm, fnn.GELU, fnn.CausalSelfAttention)
 
 # every global and attribute name nanoGPT's forwards reference (plus layout-only synonyms); a forward
 # that references anything else (rotary embeddings, a KV cache, GQA heads, ...) is not nanoGPT's
@@ -252,7 +266,7 @@ def _hf_gelu_kinds() -> Dict[type, str]:
     return {getattr(activations, name): kind for name, kind in table.items() if hasattr(activations, name)}
 
 
-def _classify(m: nn.Module, hf_gelus: Dict[type, str]) -> Tuple[Optional[str], Optional[str]]:
+def _classify(m: nn.Module, hf_gelus: Dict[type, str], hf_llama: Dict[type, str]) -> Tuple[Optional[str], Optional[str]]:
     """(kind, None) when m can be patched; (None, reason) when it is a known family but cannot be."""
     cls = type(m)
     if isinstance(m, _FASTGPT_NATIVE) or _original_class(m) is not None:
@@ -267,6 +281,9 @@ def _classify(m: nn.Module, hf_gelus: Dict[type, str]) -> Tuple[Optional[str], O
         return "gelu", None
     if cls in hf_gelus:
         return hf_gelus[cls], None
+    kind, reason = llama.classify(m, hf_llama)
+    if kind is not None or reason is not None:
+        return kind, reason
     if cls.__name__ == "LayerNorm":
         reason = _nanogpt_layer_norm_reason(m)
         if reason is None:
@@ -390,25 +407,49 @@ def hf_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _hf_attention_support() -> Tuple[Optional[type], Optional[str]]:
-    """(GPT2Attention, None) if this transformers can take the "fastgpt" attention, else (None, why)."""
+def _hf_attention_support() -> Optional[str]:
+    """None if this transformers can take the "fastgpt" attention (then it is registered), else why not."""
     import transformers
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
     try:
         from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
     except ImportError:
-        return None, (
+        return (
             f"transformers {transformers.__version__} has no AttentionInterface/AttentionMaskInterface "
-            "(needs >= 4.53); its LayerNorms and GELUs are still patched"
+            "(needs >= 4.53); its other modules are still patched"
         )
     if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTN_IMPLEMENTATION, hf_attention_forward)
     if ATTN_IMPLEMENTATION not in AttentionMaskInterface._global_mapping:
         # the masks of the sdpa implementation: None when causal suffices, else boolean
         AttentionMaskInterface.register(ATTN_IMPLEMENTATION, AttentionMaskInterface._global_mapping["sdpa"])
-    return GPT2Attention, None
+    return None
+
+
+_HF_ATTENTION = ("GPT2Attention",) + llama.HF_ATTENTION  # transformers' attention classes switched to "fastgpt"
+
+
+def _hf_attention_class(m: nn.Module) -> Optional[type]:
+    """The transformers attention class of m (patched or not) that the "fastgpt" attention serves, or None."""
+    for c in (_original_class(m) or type(m)).__mro__:
+        if c.__name__ in _HF_ATTENTION and c.__module__.startswith("transformers."):
+            return c
+    return None
+
+
+def _switch_attention(m: nn.Module, switched: Dict[int, Optional[str]], blocked: Dict[int, str]) -> Tuple[Optional[str], Optional[str]]:
+    """Switch m's config (shared by every layer: once) to the "fastgpt" attention: (what changed, None) or (None, why not)."""
+    config = m.config
+    if id(config) in blocked:
+        return None, blocked[id(config)]
+    if id(config) not in switched and config._attn_implementation != ATTN_IMPLEMENTATION:
+        switched[id(config)] = config._attn_implementation
+        _HF_ORIGINAL_IMPL[id(config)] = (weakref.ref(config), config._attn_implementation)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+    if id(config) in switched:
+        return f"attn_implementation {switched[id(config)]!r} -> {ATTN_IMPLEMENTATION!r} (fastgpt.flash_attn_func)", None
+    return None, "already uses the fastgpt attention"
 
 
 # id(config) -> (weak reference to it, the attn_implementation it had before patch)
@@ -433,7 +474,7 @@ def _check_ops(ops: Iterable[str]) -> Tuple[str, ...]:
 def patch(model: nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
     """Make ``model`` run fastgpt's ops, in place; returns a :class:`PatchReport`.
 
-    ``ops`` picks the families to patch: any of "attention", "layer_norm", "gelu" (all by default).
+    ``ops`` picks the families to patch: any of :data:`OPS` (all by default).
     Parameters, their names and the module objects are unchanged (see the module docstring), so call
     it before or after creating the optimizer, loading a checkpoint or wrapping in DDP (before
     ``torch.compile``, which would otherwise recompile). Patching twice is harmless.
@@ -445,43 +486,42 @@ def patch(model: nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
     report = PatchReport()
     switched: Dict[int, Optional[str]] = {}  # id(config) -> its attn_implementation before this call
     has_hf = any(type(m).__module__.startswith("transformers.") for m in model.modules())
-    hf_gelus = _hf_gelu_kinds() if has_hf else {}
-    hf_attention, hf_reason = (None, None)
-    if has_hf and "transformers.models.gpt2.modeling_gpt2" in sys.modules:
-        hf_attention, hf_reason = _hf_attention_support() if "attention" in ops else (None, "'attention' is not in ops")
+    hf_gelus, hf_llama = (_hf_gelu_kinds(), llama.hf_classes()) if has_hf else ({}, {})
+    # id(config) -> why its attention stays (a config serves every layer: one layer that cannot keeps all)
+    blocked: Dict[int, str] = {}
+    attention = [m for m in model.modules() if _hf_attention_class(m) is not None]
+    if attention:
+        hf_reason = _hf_attention_support() if "attention" in ops else "'attention' is not in ops"
+        for m in attention:
+            why = hf_reason or (llama.attention_blocker(m) if _hf_attention_class(m).__name__ in llama.HF_ATTENTION else None)
+            if why is not None:
+                blocked.setdefault(id(m.config), why)
 
     for path, m in model.named_modules():
         cls = type(m)
-        kind, reason = _classify(m, hf_gelus)
+        kind, reason = _classify(m, hf_gelus, hf_llama)
         if kind is not None and _FAMILY[kind] not in ops:
             kind, reason = None, f"'{_FAMILY[kind]}' is not in ops"
+        changes, reasons = [], [reason] if reason is not None else []
         if kind is not None:
             m.__class__ = patched_class(cls, kind)
-            report.replaced[path] = f"{_type_name(cls)} -> {_DESCRIPTION[kind]}"
-            continue
-        if cls.__name__ == "GPT2Attention" and cls.__module__.startswith("transformers."):
-            if hf_attention is not None and isinstance(m, hf_attention):
-                config = m.config  # shared by every layer: switched once, reported per layer
-                if id(config) not in switched and config._attn_implementation != ATTN_IMPLEMENTATION:
-                    switched[id(config)] = config._attn_implementation
-                    _HF_ORIGINAL_IMPL[id(config)] = (weakref.ref(config), config._attn_implementation)
-                    config._attn_implementation = ATTN_IMPLEMENTATION
-                if id(config) in switched:
-                    old = switched[id(config)]
-                    report.replaced[path] = f"{_type_name(cls)}: attn_implementation {old!r} -> {ATTN_IMPLEMENTATION!r} (fastgpt.flash_attn_func)"
-                    continue
-                reason = "already uses the fastgpt attention"
-            else:
-                reason = hf_reason or "transformers' GPT2Attention could not be switched"
-        if reason is None and (not m._modules or "attn" in cls.__name__.lower() or "attention" in cls.__name__.lower()):
+            changes.append(f"{_type_name(cls)} -> {_DESCRIPTION[kind]}")
+        if _hf_attention_class(m) is not None:
+            change, why = _switch_attention(m, switched, blocked)
+            changes += [change if changes else f"{_type_name(cls)}: {change}"] if change else []
+            reasons += [why] if why else []
+        if changes:
+            report.replaced[path] = "; ".join(changes)
+        elif not reasons and (not m._modules or "attn" in cls.__name__.lower() or "attention" in cls.__name__.lower()):
             if isinstance(m, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
                 continue
             if m._modules:
-                reason = "fastgpt recognises nanoGPT's CausalSelfAttention and transformers' GPT2Attention"
+                reasons.append("fastgpt recognises nanoGPT's CausalSelfAttention and transformers' GPT-2, Llama, Mistral "
+                               "and Qwen2 attention")
             else:
-                reason = "no fastgpt op for this module type"
-        if reason is not None:
-            report.left_alone.setdefault(_type_name(cls), reason)
+                reasons.append("no fastgpt op for this module type")
+        if reasons:
+            report.left_alone.setdefault(_type_name(cls), "; ".join(reasons))
     return report
 
 
@@ -492,18 +532,20 @@ def unpatch(model: nn.Module) -> PatchReport:
     report = PatchReport()
     hf_configs: Dict[int, object] = {}
     for path, m in model.named_modules():
+        done = []
         original = _original_class(m)
         if original is not None:
             m.__class__ = original
-            report.replaced[path] = f"fastgpt -> {_type_name(original)}"
-            continue
+            done.append(f"fastgpt -> {_type_name(original)}")
         config = getattr(m, "config", None)
-        if type(m).__name__ == "GPT2Attention" and getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+        if _hf_attention_class(m) is not None and getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             hf_configs[id(config)] = config
             ref, old = _HF_ORIGINAL_IMPL.get(id(config), (None, None))
             if ref is None or ref() is not config:
                 old = "sdpa"  # patched elsewhere (e.g. in the process that pickled it): transformers' default
-            report.replaced[path] = f"attn_implementation {ATTN_IMPLEMENTATION!r} -> {old!r}"
+            done.append(f"attn_implementation {ATTN_IMPLEMENTATION!r} -> {old!r}")
+        if done:
+            report.replaced[path] = "; ".join(done)
     for key, config in hf_configs.items():
         ref, old = _HF_ORIGINAL_IMPL.pop(key, (None, None))
         config._attn_implementation = old if ref is not None and ref() is config else "sdpa"

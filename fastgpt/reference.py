@@ -30,6 +30,8 @@ __all__ = [
     "attention_mask",
     "attention_forward",
     "attention_backward",
+    "varlen_attention_forward",
+    "varlen_attention_backward",
     "cross_entropy_rows",
     "linear_cross_entropy_chunked",
     "layer_norm_forward",
@@ -279,6 +281,62 @@ def attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _spans(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor):
+    """(q0, q1, k0, k1) token ranges of each packed sequence (one device-to-host read each)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(cq[i], cq[i + 1], ck[i], ck[i + 1]) for i in range(len(cq) - 1)]
+
+
+def _as_bhsd(t: Tensor, start: int, end: int) -> Tensor:
+    """Tokens [start, end) of a packed (T, H, D) tensor as a (1, H, S, D) view."""
+    return t[start:end].transpose(0, 1).unsqueeze(0)
+
+
+def _seq_options(opts: dict, b: int) -> dict:
+    """Sequence b's options: its row of (B, Hq) ALiBi slopes, as a (1, Hq) batch."""
+    slopes = opts.get("alibi_slopes")
+    return {**opts, "alibi_slopes": slopes[b : b + 1]} if slopes is not None and slopes.dim() == 2 else opts
+
+
+def varlen_attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                             is_causal: bool, scale: float, **options) -> Tuple[Tensor, Tensor]:
+    """Attention over packed sequences: :func:`attention_forward` on each sequence in turn.
+
+    q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides; sequence b is tokens
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v (int32,
+    (B+1,)); the causal mask is bottom-right aligned within each sequence, as are the ``options`` of
+    :func:`attention_forward` (window, softcap, alibi_slopes (Hq,) or (B, Hq)). Returns out (Tq, Hq, Dv)
+    in q's dtype and lse (Hq, Tq) in :func:`stats_dtype`; a sequence with no key gives 0 and -inf.
+    """
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=stats_dtype(q.dtype), device=q.device)
+    for b, (q0, q1, k0, k1) in enumerate(_spans(cu_seqlens_q, cu_seqlens_k)):
+        if q1 > q0 and k1 > k0:
+            o, l = attention_forward(_as_bhsd(q, q0, q1), _as_bhsd(k, k0, k1), _as_bhsd(v, k0, k1), is_causal, scale,
+                                     **_seq_options(options, b))
+            out[q0:q1] = o[0].transpose(0, 1)
+            lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def varlen_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, is_causal: bool,
+                              scale: float, **options) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`varlen_attention_forward` (``dlse``: None or (Hq, Tq)), sequence by sequence
+    through :func:`attention_backward`. Returns dq, dk, dv packed like q, k, v (contiguous)."""
+    dq, dk, dv = torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
+        k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format)
+    for b, (q0, q1, k0, k1) in enumerate(_spans(cu_seqlens_q, cu_seqlens_k)):
+        if q1 > q0 and k1 > k0:
+            dl = None if dlse is None else dlse[:, q0:q1].unsqueeze(0)
+            grads = attention_backward(_as_bhsd(dout, q0, q1), _as_bhsd(q, q0, q1), _as_bhsd(k, k0, k1), _as_bhsd(v, k0, k1),
+                                       _as_bhsd(out, q0, q1), lse[:, q0:q1].unsqueeze(0), dl, is_causal, scale,
+                                       **_seq_options(options, b))
+            for dst, src, a, b in zip((dq, dk, dv), grads, (q0, k0, k0), (q1, k1, k1)):
+                dst[a:b] = src[0].transpose(0, 1)
+    return dq, dk, dv
+
+
 # --------------------------------------------------------------------------------------------
 # cross-entropy (logits are 2-D here: rows x vocab; the public ops flatten)
 # --------------------------------------------------------------------------------------------
@@ -328,6 +386,7 @@ def linear_cross_entropy_chunked(
     need_dbias: bool,
     chunk: int,
     rows_fn=cross_entropy_rows,
+    dweight_in_weight_dtype: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Each row's loss of ``x @ weight.T + bias`` and the gradients of x, weight and bias, ``chunk`` rows at a time.
 
@@ -337,16 +396,18 @@ def linear_cross_entropy_chunked(
     flag is set. ``rows_fn(z, target, ignore_index, label_smoothing, grad_scale) -> (loss, dz)`` is
     the per-chunk cross-entropy (the Triton backend passes its kernel, which writes dz over z).
     The logits and their gradient meet x and weight in matmuls of x's dtype (as eager code's do);
-    dweight and dbias are summed over chunks in the compute dtype. Returns (loss (N,), dx (x's dtype),
-    dweight, dbias (both in the compute dtype: the caller rounds them once, after any scaling)),
-    None for a gradient not asked for.
+    dweight and dbias are summed over chunks in the compute dtype, or dweight in weight's own dtype
+    when ``dweight_in_weight_dtype`` (Liger-Kernel's memory trade: no float32 (V, D) buffer, one
+    rounding per chunk). Returns (loss (N,), dx (x's dtype), dweight, dbias (in the compute dtype, or
+    weight's for dweight as asked: the caller rounds them once, after any scaling)), None for a
+    gradient not asked for.
     """
     n, v = x.shape[0], weight.shape[0]
     cd = compute_dtype(x.dtype)
     need_grad = need_dx or need_dweight or need_dbias
     loss = torch.empty(n, dtype=cd, device=x.device)
     dx = torch.empty_like(x) if need_dx else None
-    dw = torch.zeros(weight.shape, dtype=cd, device=x.device) if need_dweight else None
+    dw = torch.zeros(weight.shape, dtype=weight.dtype if dweight_in_weight_dtype else cd, device=x.device) if need_dweight else None
     db = torch.zeros(v, dtype=cd, device=x.device) if need_dbias else None
     wt = weight.t()
     for c0 in range(0, n, chunk):
@@ -368,7 +429,7 @@ def linear_cross_entropy_chunked(
             torch.mm(gx, weight, out=dx[c0:c1])
         if dw is not None:
             if dw.dtype == x.dtype:
-                dw.addmm_(gx.t(), xc)
+                dw.addmm_(gx.t(), xc)  # float32 sum inside the GEMM, rounded to x's dtype once per chunk
             elif x.device.type != "cuda":
                 dw.addmm_(g.t().to(cd), xc.to(cd))  # a float32 GEMM costs a CPU no more; no (V, D) temporary
             else:

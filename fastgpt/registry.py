@@ -79,6 +79,11 @@ class OpSpec:
     * ``report_cases`` / ``report_plans``: Triton ops other than attention: the cases ``fastgpt
       inspect`` compiles (dicts like its attention cases, with ``op``) and ``report_plans(case)``,
       their launches as ``[(pass, LaunchPlan)]`` on meta tensors (imports the kernel module lazily).
+    * ``report_launches(rows, cols, dtype)``: a row-wise Triton op's launches for ``fastgpt inspect``
+      at (rows, cols), built by its kernel module on meta tensors (imported lazily), as ``[(pass,
+      LaunchPlan, reread_bytes)]``; ``reread_bytes`` is what a multi-pass kernel reads a second time,
+      counted as HBM traffic. Inspect reads it at the model's hidden sizes (times ``cases.width_factor``)
+      plus ``report_shapes``, or at ``report_shapes`` only when ``report_hidden`` is False.
     * ``differentiable``: the op has a gradient (False: inference-only; its tools run "fwd" only,
       its ``_bwd`` custom op raises, and its work model has no "bwd").
     """
@@ -98,6 +103,8 @@ class OpSpec:
     differentiable: bool = True
     report_cases: Tuple[Dict[str, Any], ...] = ()
     report_plans: Optional[Callable[[Dict[str, Any]], List[Tuple[str, Any]]]] = None
+    report_launches: Optional[Callable[[int, int, Any], List[Tuple[str, Any, float]]]] = None
+    report_hidden: bool = True
 
 
 _SPECS: Dict[str, OpSpec] = {}

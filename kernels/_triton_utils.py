@@ -176,7 +176,8 @@ def pick_config(plan: LaunchPlan) -> Config:
     and launched once first: those that do not fit the device (shared memory, registers) are skipped,
     and those whose compiled kernel spills registers are measured only if no candidate is spill-free.
     The kernels write their outputs without accumulating into them, so running a candidate several
-    times is harmless. ``FASTGPT_AUTOTUNE=0`` takes the first candidate without measuring;
+    times is harmless (except the atomic dK/dV kernel's dQ sums: flash_attention.backward zeroes them
+    after this). ``FASTGPT_AUTOTUNE=0`` takes the first candidate without measuring;
     ``FASTGPT_TUNE_LOG`` (1: stderr, else a file path) logs each choice (:func:`tuning_log`).
     """
     if len(plan.configs) == 1 or os.environ.get("FASTGPT_AUTOTUNE", "1").strip() == "0":

@@ -33,7 +33,7 @@ from torch import Tensor
 from ._rounding import cast_out
 from ._triton_utils import Config, LaunchPlan, interpreter_active, launch, next_pow2
 
-__all__ = ["unsupported_reason", "forward", "forward_plan", "block_n", "SUPPORTED_DTYPES"]
+__all__ = ["unsupported_reason", "forward", "forward_plan", "example_plans", "block_n", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GPU_BLOCK = 4096  # 16 KiB of float32 per block in registers across 8 warps (not tuned: no GPU measured it)
@@ -102,7 +102,7 @@ def forward_plan(z: Tensor, target: Tensor, loss: Tensor, dz: Optional[Tensor], 
     scale = grad_scale if has_grad else loss  # a placeholder pointer, never read without HAS_GRAD
     bn = block_n(v)
     return LaunchPlan(
-        name="cross_entropy", kernel=_cross_entropy_kernel,
+        name="loss_grad", kernel=_cross_entropy_kernel,
         args={
             "Z": z, "stride_z": z.stride(0), "DZ": dz if has_grad else z, "stride_dz": (dz if has_grad else z).stride(0),
             "Target": target, "Loss": loss, "Scale": scale, "stride_scale": scale.stride(0) if scale.dim() else 0,
@@ -114,6 +114,16 @@ def forward_plan(z: Tensor, target: Tensor, loss: Tensor, dz: Optional[Tensor], 
         configs=(Config(1, bn, 8 if bn >= 2048 else 4, 1),),
         grid=lambda config: (rows,),
     )
+
+
+def example_plans(rows: int, v: int, dtype: torch.dtype, device="meta"):
+    """[("fwd", LaunchPlan)]: the launch of a training step's loss on (rows, v) logits, the gradient
+    written over the logits in place as the linear cross-entropy does (for ``fastgpt inspect``)."""
+    z = torch.empty(rows, v, dtype=dtype, device=device)
+    target = torch.empty(rows, dtype=torch.int64, device=device)
+    loss = torch.empty(rows, dtype=torch.float32, device=device)
+    scale = torch.empty((), dtype=torch.float32, device=device)
+    return [("fwd", forward_plan(z, target, loss, z, scale, -100, 0.0))]
 
 
 def unsupported_reason(z: Tensor) -> Optional[str]:

@@ -4,7 +4,16 @@ The ``triton`` backend of :mod:`fastgpt.ops.attention`, through three functions:
 
     unsupported_reason(q, k, v) -> str | None
     forward(q, k, v, out, lse, is_causal, scale, *, window, softcap, alibi_slopes) -> None
-    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, *, window, softcap, alibi_slopes) -> None
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=True, *, window, softcap,
+             alibi_slopes) -> None
+
+and of :mod:`fastgpt.ops.varlen_attention` (packed sequences, flash-attn's varlen layout) through
+``varlen_unsupported_reason``, ``varlen_forward`` and ``varlen_backward``: the same kernels with the
+``VARLEN`` constexpr, one launch per pass for the whole batch. Each program takes its sequence b
+from the grid and reads its first token and length from the int32 cu_seqlens (``_seq_span``) before
+the bound logic, which then sees that sequence's Sq and Sk; packed (T, H, D) tensors are passed with
+their token stride as the batch stride, so a sequence starts at cu_seqlens[b] x that stride. The
+grid has cdiv(max_seqlen, BLOCK) tiles per sequence; tiles past a sequence's end exit at once.
 
 Tensors are logical (B, H, S, D) views with arbitrary strides (every stride is passed to the
 kernels; nothing is copied or transposed): q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv),
@@ -30,9 +39,13 @@ Kernels (FlashAttention-2, Dao 2023):
   its GQA group and their Q tiles, so the group's gradients are summed in registers (no atomics).
 * ``_attn_bwd_dq_kernel``: one program per (Q tile, batch, head); loops over K/V tiles.
 
-Everything is deterministic: each output element is written by one program with a fixed loop order,
-so two runs with the same config are bitwise equal. (On a GPU the config is tuned once per process
-and shape class; see :func:`kernels._triton_utils.pick_config`.)
+By default everything is deterministic: each output element is written by one program with a fixed
+loop order, so two runs with the same config are bitwise equal. (On a GPU the config is tuned once per
+process and shape class; see :func:`kernels._triton_utils.pick_config`.) ``deterministic=False`` is
+FlashAttention-2's own backward: the dK/dV kernel (ATOMIC_DQ) also computes each tile's dS K and adds
+it into a float32 dQ buffer with atomics, so there is no dQ kernel and its recomputation of S and dP
+(5 matmuls per tile instead of 7), and ``_attn_bwd_dq_convert_kernel`` scales and casts the sums. The
+order of the atomic adds, and so dq's last bits, varies from run to run; dk and dv do not change.
 
 Head dims are padded to a power of two >= 16 inside the kernel (masks, no padded copies), which is
 also what lets D < 16 and D = 40, 80, 96 run. Each launch is described by a
@@ -46,7 +59,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -55,7 +68,8 @@ from torch import Tensor
 
 from fastgpt.ops.attention import MAX_HEAD_DIM  # one limit: the op validates calls against it
 
-from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, length_bucket, next_pow2
+from ._rounding import cast_out
+from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, length_bucket, next_pow2, pick_config
 from .flash_attention_configs import (  # noqa: F401  (re-exported: the configs are part of this kernel's interface)
     ARCH_CONFIGS,
     CONFIGS,
@@ -74,6 +88,10 @@ __all__ = [
     "unsupported_reason",
     "forward",
     "backward",
+    "varlen_unsupported_reason",
+    "varlen_forward",
+    "varlen_backward",
+    "Seqs",
     "CONFIGS",
     "CONFIGS_FP32",
     "INTERPRETER_CONFIGS",
@@ -101,7 +119,7 @@ def _arch(t: Tensor) -> Optional[int]:
 
 
 def _preprocess_block_m(block_dv: int) -> int:
-    # ~64 elements of each of O and dO per thread (4 warps), whatever the head dim
+    # ~64 elements of each of O and dO per thread (4 warps), whatever the head dim (also the dQ conversion's rows)
     return max(16, min(128, 8192 // block_dv))
 
 
@@ -177,13 +195,38 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _seq_span(Cu, b, S, VARLEN: tl.constexpr):
+    """(index, length) of sequence b: its first row in units of the tensors' batch strides, and its
+    length. Dense: (b, S). VARLEN (packed tokens, whose "batch" strides are the token strides, see
+    _strides): (cu[b], cu[b+1] - cu[b]), read from the int32 cu_seqlens ``Cu``."""
+    if VARLEN:
+        start = tl.load(Cu + b)
+        return start, tl.load(Cu + b + 1) - start
+    else:
+        return b, S
+
+
+@triton.jit
+def _scratch_row(bh, h, b, Sq, TQ, VARLEN: tl.constexpr):
+    """Offset of row 0 of (batch, head) bh in the float32 delta / lse2 scratch: (B, Hq, Sq) dense,
+    (Hq, TQ) packed (b: the sequence's first token, TQ: the total number of query tokens)."""
+    if VARLEN:
+        return h.to(tl.int64) * TQ + b
+    else:
+        return bh.to(tl.int64) * Sq
+
+
+@triton.jit
+def _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
     """The query tile of this program (forward and dQ kernels) and the key range it visits.
 
-    Returns (bh, b, h, hk, m0, causal_offset, full, hi): the (batch, head) index and its parts, hk
-    the kv head of query head h (GQA), m0 the tile's first row; key tiles [0, full) are visible to
-    every row of the tile, [full, hi) need the causal mask. Causal grids run the longest rows first
-    (better tail balance).
+    Returns (bh, b, bk, h, hk, m0, Sq, Sk, causal_offset, full, hi): the (batch, head) index bh,
+    the indices of the sequence's first query and key rows (b, bk: see _seq_span) and its lengths,
+    h and hk the query head and its kv head (GQA), m0 the tile's first row; key tiles [0, full) are
+    visible to every row of the tile, [full, hi) need the causal mask. Causal grids run the longest
+    rows first (better tail balance). VARLEN: Sq, Sk come in as the longest lengths (the grid has
+    that many tiles per sequence) and go out as this sequence's; tiles with m0 >= Sq have no rows.
     """
     pid = tl.program_id(0)
     n_m_tiles = tl.cdiv(Sq, BLOCK_M)
@@ -193,6 +236,8 @@ def _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
         tile = n_m_tiles - 1 - tile
     h = bh % Hq
     m0 = tile * BLOCK_M
+    b, Sq = _seq_span(CuQ, bh // Hq, Sq, VARLEN)
+    bk, Sk = _seq_span(CuK, bh // Hq, Sk, VARLEN)
     causal_offset = Sk - Sq
     if IS_CAUSAL:
         hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset), 0)
@@ -200,7 +245,7 @@ def _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, B
     else:
         hi = Sk
         full = Sk // BLOCK_N * BLOCK_N
-    return bh, bh // Hq, h, h // GROUP, m0, causal_offset, full, hi
+    return bh, b, bk, h, h // GROUP, m0, Sq, Sk, causal_offset, full, hi
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,26 +403,30 @@ def _attn_fwd_kernel(
     svb, svh, svs, svd,
     sob, soh, sos, sod,
     slb, slh, sls,
-    Hq, GROUP, Sq, Sk, qk_scale,
-    IS_CAUSAL: tl.constexpr,
+    Hq, GROUP, Sq, Sk, qk_scale, CuQ, CuK,
+    IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Alibi, sab, sah, win_left, win_right, softcap2,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    bh, b, h, hk, m0, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    bh, b, bk, h, hk, m0, Sq, Sk, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL, VARLEN,
+                                                                    BLOCK_M, BLOCK_N)
+    if VARLEN:
+        if m0 >= Sq:
+            return  # a tile past the end of a sequence shorter than the longest
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
+    slope2 = _alibi_slope(Alibi, bh // Hq, h, sab, sah, ALIBI)
     lo = full  # masked tiles: [full, hi); with a window [lo, full_lo) and [full, hi), unmasked [full_lo, full)
     full_lo = 0
     if WINDOW:
         lo, full_lo, full, hi = _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
 
-    k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)
-    v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
+    k_base = _head_ptr(K, bk, skb, hk, skh, ALIGN)
+    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)
     q = _load_tile(_head_ptr(Q, b, sqb, h, sqh, ALIGN), offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
 
@@ -414,18 +463,21 @@ def _attn_bwd_preprocess_kernel(
     sdob, sdoh, sdos, sdod,
     slb, slh, sls,
     sdlb, sdlh, sdls,
-    Hq, Sq,
-    HAS_DLSE: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    Hq, Sq, CuQ, TQ,
+    HAS_DLSE: tl.constexpr, VARLEN: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf for rows that saw no key, so
-    that P = exp2(s - lse2) is 0 there), both (B, Hq, Sq) contiguous float32."""
+    that P = exp2(s - lse2) is 0 there), both (B, Hq, Sq) contiguous float32 ((Hq, TQ) with VARLEN)."""
     pid = tl.program_id(0)
     n_m_tiles = tl.cdiv(Sq, BLOCK_M)
     bh = pid // n_m_tiles
     tile = pid % n_m_tiles
-    b = bh // Hq
+    b, Sq = _seq_span(CuQ, bh // Hq, Sq, VARLEN)
     h = bh % Hq
+    if VARLEN:
+        if tile * BLOCK_M >= Sq:
+            return
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Sq
@@ -444,7 +496,7 @@ def _attn_bwd_preprocess_kernel(
     # score: its P = exp2(s - lse2) would vanish. Step 4 ulps down there; P is clamped at 1.
     lse2 = tl.where(tl.abs(lse2) >= 8388608.0, lse2 - tl.abs(lse2) * 4.8e-7, lse2)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
-    row = bh.to(tl.int64) * Sq + offs_m
+    row = _scratch_row(bh, h, b, Sq, TQ, VARLEN) + offs_m
     tl.store(Delta + row, delta, mask=row_ok)
     tl.store(Lse2 + row, lse2, mask=row_ok)
 
@@ -465,11 +517,13 @@ def _dkdv_inner(
     MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    dq_base, ATOMIC_DQ: tl.constexpr,
     gap_lo, gap_hi, win_left, win_right, softcap2, slope2,
     IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi) (masked windowed ones: less [gap_lo,
-    gap_hi)), in transposed (key-major) form."""
+    gap_hi)), in transposed (key-major) form.
+    ATOMIC_DQ: also add each query tile's share of dQ (unscaled) into the float32 rows at dq_base."""
     for it in range(lo, _gap_end(hi, gap_lo, gap_hi, WINDOW and MASKED), BLOCK_M):
         start_m = _gap_skip(it, gap_lo, gap_hi, WINDOW and MASKED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -492,8 +546,14 @@ def _dkdv_inner(
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
-            ds_t = ds_t * (1.0 - t_t * t_t)  # through the cap: d(c tanh(s / c)) / ds
+            ds_t = ds_t * (1.0 - t_t * t_t)  # through the cap: d(c tanh(s / c)) / ds (dK's and the atomic dQ's)
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
+        if ATOMIC_DQ:
+            # FlashAttention-2's dQ: dS^T K from this key tile, summed over key tiles (programs) by float32
+            # atomics, so the sum's order, and its rounding, varies from run to run
+            dq_part = _dot(tl.trans(ds_t.to(k.dtype)), k, None, DOT_PRECISION)
+            dq_ptrs = dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -506,11 +566,12 @@ def _attn_bwd_dkdv_kernel(
     sdob, sdoh, sdos, sdod,
     sdkb, sdkh, sdks, sdkd,
     sdvb, sdvh, sdvs, sdvd,
-    Hk, GROUP, Sq, Sk, scale, qk_scale,
-    IS_CAUSAL: tl.constexpr,
+    Hk, GROUP, Sq, Sk, scale, qk_scale, CuQ, CuK, TQ,
+    IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DQacc, ATOMIC_DQ: tl.constexpr,  # float32 (B, Hq, Sq, HEAD_DIM) contiguous, zeroed; unused unless ATOMIC_DQ
     Alibi, sab, sah, win_left, win_right, softcap2,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
@@ -518,16 +579,20 @@ def _attn_bwd_dkdv_kernel(
     n_n_tiles = tl.cdiv(Sk, BLOCK_N)
     bhk = pid // n_n_tiles
     tile = pid % n_n_tiles
-    b = bhk // Hk
+    b, Sq = _seq_span(CuQ, bhk // Hk, Sq, VARLEN)  # see _q_tile: per-sequence lengths with VARLEN
+    bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)
     hk = bhk % Hk
     n0 = tile * BLOCK_N
+    if VARLEN:
+        if n0 >= Sk:
+            return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k = _load_tile(_head_ptr(K, b, skb, hk, skh, ALIGN), offs_n, sks, offs_d, skd, Sk, HEAD_DIM,
+    k = _load_tile(_head_ptr(K, bk, skb, hk, skh, ALIGN), offs_n, sks, offs_d, skd, Sk, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
-    v = _load_tile(_head_ptr(V, b, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
+    v = _load_tile(_head_ptr(V, bk, svb, hk, svh, ALIGN), offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V,
                    True, HEAD_DIM_V != BLOCK_DV, ALIGN)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -551,21 +616,25 @@ def _attn_bwd_dkdv_kernel(
         h = hk * GROUP + g
         q_base = _head_ptr(Q, b, sqb, h, sqh, ALIGN)
         do_base = _head_ptr(DOut, b, sdob, h, sdoh, ALIGN)
-        row_base = (b * Hk * GROUP + h).to(tl.int64) * Sq
-        slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
+        row_base = _scratch_row(b * Hk * GROUP + h, h, b, Sq, TQ, VARLEN)
+        slope2 = _alibi_slope(Alibi, bhk // Hk, h, sab, sah, ALIBI)
         if IS_CAUSAL or WINDOW:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
                                  sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_hi, Sq, causal_offset,
                                  qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
+                                 DQacc + row_base * HEAD_DIM, ATOMIC_DQ,
                                  m_full, m_end, win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
                              sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, m_end, Sq, causal_offset,
                              qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
+                             DQacc + row_base * HEAD_DIM, ATOMIC_DQ,
                              m_full, m_end, win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
 
-    _store_tile(_head_ptr(DK, b, sdkb, hk, sdkh, ALIGN), dk * scale, offs_n, sdks, offs_d, sdkd, Sk, HEAD_DIM,
+    if VARLEN:  # read again: held through the loop, they cost registers the tiles need (sm_80 spilled)
+        bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)
+    _store_tile(_head_ptr(DK, bk, sdkb, hk, sdkh, ALIGN), dk * scale, offs_n, sdks, offs_d, sdkd, Sk, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
-    _store_tile(_head_ptr(DV, b, sdvb, hk, sdvh, ALIGN), dv, offs_n, sdvs, offs_dv, sdvd, Sk, HEAD_DIM_V,
+    _store_tile(_head_ptr(DV, bk, sdvb, hk, sdvh, ALIGN), dv, offs_n, sdvs, offs_dv, sdvd, Sk, HEAD_DIM_V,
                 HEAD_DIM_V != BLOCK_DV, ALIGN)
 
 
@@ -614,19 +683,23 @@ def _attn_bwd_dq_kernel(
     svb, svh, svs, svd,
     sdob, sdoh, sdos, sdod,
     sdqb, sdqh, sdqs, sdqd,
-    Hq, GROUP, Sq, Sk, scale, qk_scale,
-    IS_CAUSAL: tl.constexpr,
+    Hq, GROUP, Sq, Sk, scale, qk_scale, CuQ, CuK, TQ,
+    IS_CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     Alibi, sab, sah, win_left, win_right, softcap2,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    bh, b, h, hk, m0, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    bh, b, bk, h, hk, m0, Sq, Sk, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL, VARLEN,
+                                                                    BLOCK_M, BLOCK_N)
+    if VARLEN:
+        if m0 >= Sq:
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    slope2 = _alibi_slope(Alibi, b, h, sab, sah, ALIBI)
+    slope2 = _alibi_slope(Alibi, bh // Hq, h, sab, sah, ALIBI)
     lo = full  # as in the forward kernel
     full_lo = 0
     if WINDOW:
@@ -636,11 +709,11 @@ def _attn_bwd_dq_kernel(
                    True, HEAD_DIM != BLOCK_D, ALIGN)
     do = _load_tile(_head_ptr(DOut, b, sdob, h, sdoh, ALIGN), offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V,
                     True, HEAD_DIM_V != BLOCK_DV, ALIGN)
-    row = bh.to(tl.int64) * Sq + offs_m
+    row = _scratch_row(bh, h, b, Sq, TQ, VARLEN) + offs_m
     lse2 = tl.load(Lse2 + row, mask=offs_m < Sq, other=float("inf"))
     delta = tl.load(Delta + row, mask=offs_m < Sq, other=0.0)
-    k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)
-    v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)
+    k_base = _head_ptr(K, bk, skb, hk, skh, ALIGN)
+    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
@@ -655,17 +728,69 @@ def _attn_bwd_dq_kernel(
                 HEAD_DIM != BLOCK_D, ALIGN)
 
 
+@triton.jit
+def _attn_bwd_dq_convert_kernel(
+    DQacc, DQ,
+    sdqb, sdqh, sdqs, sdqd,
+    Hq, Sq, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, RTNE_IN_SOFTWARE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dQ = scale * the float32 sums of the atomic dK/dV kernel, in dQ's dtype and strides."""
+    pid = tl.program_id(0)
+    n_m_tiles = tl.cdiv(Sq, BLOCK_M)
+    bh = pid // n_m_tiles
+    offs_m = pid % n_m_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = DQacc + (bh.to(tl.int64) * Sq + offs_m)[:, None] * HEAD_DIM
+    acc = tl.load(rows + offs_d[None, :], mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    dq = cast_out(acc * scale, DQ.dtype.element_ty, RTNE_IN_SOFTWARE)
+    _store_tile(_head_ptr(DQ, bh // Hq, sdqb, bh % Hq, sdqh, ALIGN), dq, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
+                HEAD_DIM != BLOCK_D, ALIGN)
+
+
 # --------------------------------------------------------------------------------------------
 # launch plans: the one place that turns tensors into kernel arguments
 # --------------------------------------------------------------------------------------------
 
 
+class Seqs(NamedTuple):
+    """Packed sequences (flash-attn's varlen layout): int32 (B+1,) cu_seqlens of q and k, and the
+    longest lengths, which size the grid (every sequence gets that many tiles; the extra ones exit)."""
+
+    cu_q: Tensor
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+
+
 def _strides(prefix: str, t: Tensor) -> Dict[str, int]:
+    """Strides of a (B, H, S, D) tensor, or of a packed (T, H, D) one, whose "batch" stride is its
+    token stride: the kernels offset a sequence by (its first token) x (that stride)."""
+    if t.dim() == 3:
+        return {f"{prefix}b": t.stride(0), f"{prefix}h": t.stride(1), f"{prefix}s": t.stride(0), f"{prefix}d": t.stride(2)}
     return {f"{prefix}{axis}": s for axis, s in zip("bhsd", t.stride())}
 
 
 def _lse_strides(prefix: str, t: Tensor) -> Dict[str, int]:
+    """Strides of a (B, H, S) log-sum-exp, or of a packed (H, T) one (batch stride = token stride)."""
+    if t.dim() == 2:
+        return {f"{prefix}b": t.stride(1), f"{prefix}h": t.stride(0), f"{prefix}s": t.stride(1)}
     return {f"{prefix}{axis}": s for axis, s in zip("bhs", t.stride())}
+
+
+def _shape(q: Tensor, k: Tensor, seqs: Optional[Seqs]) -> Tuple[int, int, int, int, int]:
+    """(B, Hq, Hk, Sq, Sk) of a call; packed: B sequences, the longest lengths."""
+    if seqs is None:
+        return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    return seqs.cu_q.shape[0] - 1, q.shape[1], k.shape[1], seqs.max_q, seqs.max_k
+
+
+def _seq_args(seqs: Optional[Seqs], q: Tensor, placeholder: Tensor) -> Dict[str, object]:
+    """The kernels' packed-sequence arguments; dense calls pass a placeholder pointer (never read)."""
+    if seqs is None:
+        return {"CuQ": placeholder, "CuK": placeholder, "TQ": 0}
+    return {"CuQ": seqs.cu_q, "CuK": seqs.cu_k, "TQ": q.shape[0]}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -702,14 +827,14 @@ def _common_constexprs(q: Tensor, v: Tensor, is_causal: bool, *tensors: Tensor) 
     }
 
 
-def _feature_args(q: Tensor, k: Tensor, is_causal: bool, window: Tuple[int, int], softcap: float,
+def _feature_args(sq: int, sk: int, is_causal: bool, window: Tuple[int, int], softcap: float,
                   alibi_slopes: Optional[Tensor], placeholder: Tensor) -> Tuple[Dict[str, object], Dict[str, object]]:
     """(runtime args, constexprs) of the sliding window, softcap and ALiBi: the kernels' trailing arguments.
 
     ``window`` is flash-attn's (left, right), -1 unbounded; when causal the right bound is the causal
-    one (right = 0). A side that cannot bind becomes Sq + Sk (the masks stay plain comparisons, and
-    WINDOW is off when neither side binds). ``placeholder`` stands in for absent slopes (never read)."""
-    sq, sk = q.shape[2], k.shape[2]
+    one (right = 0). A side that cannot bind becomes Sq + Sk (the plan's, the longest with packed
+    sequences; the masks stay plain comparisons, and WINDOW is off when neither side binds).
+    ``placeholder`` stands in for absent slopes (never read)."""
     never = sq + sk
     left, right = window
     left = never if left < 0 else min(left, never)
@@ -722,7 +847,8 @@ def _feature_args(q: Tensor, k: Tensor, is_causal: bool, window: Tuple[int, int]
     return args, constexprs
 
 
-def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, features: Tuple[bool, ...] = ()):
+def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, sq: int, sk: int, varlen: bool,
+              features: Tuple[bool, ...] = ()):
     return (
         q.dtype,
         q.device.index,
@@ -730,8 +856,9 @@ def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, features: Tuple[
         v.shape[-1],
         bool(is_causal),
         q.shape[1] // k.shape[1] > 1,
-        length_bucket(q.shape[2]),
-        length_bucket(k.shape[2]),
+        length_bucket(sq),
+        length_bucket(sk),
+        varlen,
         *features,
     )
 
@@ -746,44 +873,56 @@ def _grid(rows: int, programs: int, tiles_of: str):
 
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float,
-                 arch: Optional[int] = None, *, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                 alibi_slopes: Optional[Tensor] = None) -> LaunchPlan:
-    """The launch of the forward kernel for these tensors (shapes and options as in :func:`forward`); its
-    candidate configs are those of ``arch`` (default: q's GPU; see :func:`configs_for`)."""
+                 arch: Optional[int] = None, seqs: Optional[Seqs] = None, *, window: Tuple[int, int] = (-1, -1),
+                 softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> LaunchPlan:
+    """The launch of the forward kernel for these tensors (shapes and options as in :func:`forward`, or
+    packed as in :func:`varlen_forward` with ``seqs``); its candidate configs are those of ``arch``
+    (default: q's GPU; see :func:`configs_for`)."""
     arch = arch if arch is not None else _arch(q)
-    b, hq, sq, _ = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    feature_args, features = _feature_args(q, k, is_causal, window, softcap, alibi_slopes, lse)
-    constexprs = {**_common_constexprs(q, v, is_causal, k, out), **features}
+    b, hq, hk, sq, sk = _shape(q, k, seqs)
+    feature_args, features = _feature_args(sq, sk, is_causal, window, softcap, alibi_slopes, lse)
+    constexprs = {**_common_constexprs(q, v, is_causal, k, out), "VARLEN": seqs is not None, **features}
     args = {
         "Q": q, "K": k, "V": v, "Out": out, "Lse": lse,
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", out), **_lse_strides("sl", lse),
         "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, "qk_scale": float(scale) * LOG2E, **feature_args,
     }
+    args.update({name: value for name, value in _seq_args(seqs, q, lse).items() if name != "TQ"})
     return LaunchPlan(
         name="fwd", kernel=_attn_fwd_kernel, args=args, constexprs=constexprs,
         configs=configs_for("fwd_decode" if sq <= DECODE_MAX_SQ else "fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype,
                             arch=arch),
-        grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal, tuple(features.values())),
+        grid=_grid(sq, b * hq, "block_m"),
+        tune_key=_tune_key(q, k, v, is_causal, sq, sk, seqs is not None, tuple(features.values())),
     )
 
 
 def backward_plans(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, arch: Optional[int] = None, *,
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, arch: Optional[int] = None,
+    seqs: Optional[Seqs] = None,
+    deterministic: bool = True, *,
     window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
 ) -> List[LaunchPlan]:
     """The three launches of the backward (preprocess, dK/dV, dQ), in order, with ``arch``'s configs
-    (default: q's GPU). Allocates the float32 (B, Hq, Sq) scratch buffers delta and lse2 that connect them."""
+    (default: q's GPU); packed tensors with ``seqs``. Allocates the float32 scratch buffers delta and
+    lse2 that connect them: (B, Hq, Sq), or (Hq, total_q) packed.
+    With ``deterministic=False``: preprocess, the dK/dV kernel that also adds dQ into a zeroed float32
+    (B, Hq, Sq, D) buffer with atomics ("bwd_dkdv_atomic"), and its conversion to dq ("bwd_dq_convert");
+    that buffer (args["DQacc"]) is allocated here and must be zeroed right before its launch (see backward)."""
+    if seqs is not None and not deterministic:
+        raise NotImplementedError("the atomic (deterministic=False) backward does not take packed sequences yet")
     arch = arch if arch is not None else _arch(q)
-    b, hq, sq, d = q.shape
-    hk, sk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
-    feature_args, features = _feature_args(q, k, is_causal, window, softcap, alibi_slopes, lse)
-    constexprs = {**_common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv), **features}
+    b, hq, hk, sq, sk = _shape(q, k, seqs)
+    d, dv_dim = q.shape[-1], v.shape[-1]
+    varlen = seqs is not None
+    feature_args, features = _feature_args(sq, sk, is_causal, window, softcap, alibi_slopes, lse)
+    constexprs = {**_common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv), "VARLEN": varlen, **features}
     bucket = head_dim_bucket(d, dv_dim)
-    tune_key = _tune_key(q, k, v, is_causal, tuple(features.values()))
-    delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    tune_key = _tune_key(q, k, v, is_causal, sq, sk, varlen, tuple(features.values()))
+    delta = torch.empty(*((hq, q.shape[0]) if varlen else (b, hq, sq)), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
+    seq_args = _seq_args(seqs, q, lse)
 
     block_dv = constexprs["BLOCK_DV"]
     pre_block = INTERPRETER_CONFIGS["fwd"].block_m if interpreter_active() else _preprocess_block_m(block_dv)
@@ -793,9 +932,9 @@ def backward_plans(
         args={
             "Out": out, "DOut": dout, "Lse": lse, "DLse": dlse_t, "Delta": delta, "Lse2": lse2,
             **_strides("so", out), **_strides("sdo", dout), **_lse_strides("sl", lse), **_lse_strides("sdl", dlse_t),
-            "Hq": hq, "Sq": sq,
+            "Hq": hq, "Sq": sq, "CuQ": seq_args["CuQ"], "TQ": seq_args["TQ"],
         },
-        constexprs={"HAS_DLSE": dlse is not None, "HEAD_DIM_V": dv_dim, "BLOCK_DV": block_dv,
+        constexprs={"HAS_DLSE": dlse is not None, "VARLEN": varlen, "HEAD_DIM_V": dv_dim, "BLOCK_DV": block_dv,
                     "ALIGN": constexprs["ALIGN"]},
         configs=(Config(pre_block, 0, 4, 1),),
         grid=_grid(sq, b * hq, "block_m"),
@@ -805,16 +944,31 @@ def backward_plans(
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("sdo", dout),
     }
     scales = {"scale": float(scale), "qk_scale": float(scale) * LOG2E, **feature_args}
+    # (deterministic: DQacc is a placeholder pointer, never read, and the kernel compiles as without it)
+    dq_acc = delta if deterministic else torch.empty(b, hq, sq, d, dtype=torch.float32, device=q.device)
     dkdv = LaunchPlan(
-        name="bwd_dkdv", kernel=_attn_bwd_dkdv_kernel,
+        name="bwd_dkdv" if deterministic else "bwd_dkdv_atomic", kernel=_attn_bwd_dkdv_kernel,
         args={**common, "DK": dk, "DV": dv, **_strides("sdk", dk), **_strides("sdv", dv),
-              "Hk": hk, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales},
-        constexprs=constexprs, configs=configs_for("bwd_dkdv", bucket, q.dtype, arch=arch),
+              "Hk": hk, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales, **seq_args, "DQacc": dq_acc},
+        constexprs={**constexprs, "ATOMIC_DQ": not deterministic},
+        configs=configs_for("bwd_dkdv" if deterministic else "bwd_dkdv_atomic", bucket, q.dtype, arch=arch),
         grid=_grid(sk, b * hk, "block_n"), tune_key=tune_key,
     )
+    if not deterministic:
+        block_d = constexprs["BLOCK_D"]
+        convert = LaunchPlan(
+            name="bwd_dq_convert", kernel=_attn_bwd_dq_convert_kernel,
+            args={"DQacc": dq_acc, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "Sq": sq, "scale": float(scale)},
+            constexprs={"HEAD_DIM": d, "BLOCK_D": block_d, "ALIGN": _stride_align(dq),
+                        "RTNE_IN_SOFTWARE": interpreter_active()},
+            configs=(Config(INTERPRETER_CONFIGS["fwd"].block_m if interpreter_active() else _preprocess_block_m(block_d), 0, 4, 1),),
+            grid=_grid(sq, b * hq, "block_m"),
+        )
+        return [pre, dkdv, convert]
     dq_plan = LaunchPlan(
         name="bwd_dq", kernel=_attn_bwd_dq_kernel,
-        args={**common, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales},
+        args={**common, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, **scales,
+              **seq_args},
         constexprs=constexprs, configs=configs_for("bwd_dq", bucket, q.dtype, arch=arch),
         grid=_grid(sq, b * hq, "block_m"), tune_key=tune_key,
     )
@@ -822,24 +976,27 @@ def backward_plans(
 
 
 def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float] = None,
-                  arch: Optional[int] = None, *, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                  alibi: bool = False) -> List[LaunchPlan]:
-    """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work).
+                  arch: Optional[int] = None, seqs: Optional[Seqs] = None, deterministic: bool = True, *,
+                  window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi: bool = False) -> List[LaunchPlan]:
+    """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work);
+    packed (T, H, D) tensors with ``seqs``.
 
     Outputs are allocated like the op layer does (contiguous); ``arch`` picks the candidate configs
     (meta tensors have no GPU: None gives the generic list); ``window``, ``softcap`` and ``alibi``
     (slopes of shape (Hq,)) pick the variant. For the kernel report: compile each plan with each of
     its configs via :func:`fastgpt.tools.inspect.compiling.compile_plan`.
     """
-    b, hq, sq, d = q.shape
+    d = q.shape[-1]
     scale = scale if scale is not None else d ** -0.5
-    out = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse_shape = (q.shape[1], q.shape[0]) if seqs is not None else q.shape[:-1]
+    lse = torch.empty(*lse_shape, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     opts = {"window": window, "softcap": softcap,
-            "alibi_slopes": torch.empty(hq, dtype=torch.float32, device=q.device) if alibi else None}
-    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch, **opts)
-    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch, **opts)]
+            "alibi_slopes": torch.empty(q.shape[1], dtype=torch.float32, device=q.device) if alibi else None}
+    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch, seqs, **opts)
+    return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch, seqs,
+                                 deterministic, **opts)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,16 +1044,62 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal
 
 def backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, *,
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, deterministic: bool = True, *,
     window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
 ) -> None:
     """Write dq, dk, dv (shapes of q, k, v; any strides) from dout (shape of out) and ``dlse``
     (None or (B, Hq, Sq), the gradient flowing into lse); options as in :func:`forward` (the slopes
-    get no gradient). Deterministic; GQA gradients are summed over each kv head's query heads inside
-    the dK/dV kernel."""
+    get no gradient). GQA gradients are summed over each kv head's query heads inside the dK/dV
+    kernel. Deterministic by default; ``deterministic=False`` computes dQ in the dK/dV kernel with
+    float32 atomics (5 matmuls per tile instead of 7; dq's rounding varies from run to run, dk and dv
+    stay bitwise reproducible)."""
     with _on_device(q):
-        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale,
+        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic,
                                    window=window, softcap=softcap, alibi_slopes=alibi_slopes):
+            if plan.name == "bwd_dkdv_atomic":
+                pick_config(plan)  # a first call may tune: those runs add into DQacc too, so zero it after
+                plan.args["DQacc"].zero_()
+            launch(plan)
+
+
+def varlen_unsupported_reason(q: Tensor, k: Tensor, v: Tensor, max_seqlen_q: int, max_seqlen_k: int) -> Optional[str]:
+    """:func:`unsupported_reason` for packed q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv): judged on
+    the (1, H, S, D) view of the longest sequence each may hold."""
+    views = (t[:n].transpose(0, 1).unsqueeze(0) for t, n in ((q, max_seqlen_q), (k, max_seqlen_k), (v, max_seqlen_k)))
+    return unsupported_reason(*views)
+
+
+def _seqs(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int) -> Seqs:
+    # the kernels read cu[b] at offset b: a strided cu_seqlens is copied (B + 1 ints)
+    return Seqs(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
+
+
+def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                   max_seqlen_k: int, out: Tensor, lse: Tensor, is_causal: bool, scale: float, *,
+                   window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> None:
+    """Packed sequences, one launch: write ``out`` (Tq, Hq, Dv) and ``lse`` (Hq, Tq) float32.
+
+    q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides; sequence b is rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q (int32, validated upstream) and likewise of k and v;
+    max_seqlen_* at least the longest sequence, >= 1. Options as in :func:`forward`, per sequence
+    (alibi_slopes (B, Hq): row b is sequence b's)."""
+    seqs = _seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    with _on_device(q):
+        launch(forward_plan(q, k, v, out, lse, is_causal, scale, seqs=seqs, window=window, softcap=softcap,
+                            alibi_slopes=alibi_slopes))
+
+
+def varlen_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    dq: Tensor, dk: Tensor, dv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, is_causal: bool, scale: float, *,
+    window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+) -> None:
+    """:func:`backward` for packed sequences (layouts and options as in :func:`varlen_forward`; dlse None or (Hq, Tq))."""
+    seqs = _seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    with _on_device(q):
+        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, seqs=seqs, window=window,
+                                   softcap=softcap, alibi_slopes=alibi_slopes):
             launch(plan)
 
 

@@ -57,6 +57,16 @@ CONFIGS: Dict[str, Dict[int, Tuple[Config, ...]]] = {
         128: (C(16, 64, 8, 2), C(32, 64, 8, 2), C(32, 32, 4, 2)),
         256: (C(32, 32, 8, 1), C(16, 32, 4, 1)),
     },
+    # the dK/dV kernel that also adds dQ by atomics (deterministic=False): a (BLOCK_M, D) float32 dQ tile
+    # and its addresses on top, so smaller tiles; every one spill-free on sm_80 and sm_90 with GQA at
+    # D = 24, 40, 64, 80, 96, 128, 256 (32x128 at bucket 64 spills on sm_80, 32x32 at 256 by 8 bytes)
+    "bwd_dkdv_atomic": {
+        16: (C(32, 128, 8, 3), C(64, 128, 8, 3)),
+        32: (C(32, 128, 8, 3), C(64, 128, 8, 3)),
+        64: (C(16, 128, 8, 2), C(16, 128, 8, 3), C(16, 64, 8, 2)),
+        128: (C(16, 64, 8, 2), C(32, 32, 8, 2)),
+        256: (C(16, 32, 8, 1), C(32, 16, 8, 1)),
+    },
     "bwd_dq": {
         16: (C(128, 32, 4, 3), C(128, 64, 8, 3), C(64, 32, 4, 2)),
         32: (C(128, 32, 4, 3), C(128, 64, 8, 3), C(64, 32, 4, 2)),
@@ -80,6 +90,10 @@ CONFIGS_SM90: Dict[str, Dict[int, Tuple[Config, ...]]] = {
     "bwd_dkdv": {
         64: (C(32, 128, 8, 2), C(64, 128, 8, 2), C(64, 128, 8, 3), C(16, 128, 8, 2), C(32, 64, 4, 2)),
         128: (C(16, 128, 8, 2), C(32, 128, 8, 2), C(16, 64, 8, 2), C(32, 64, 8, 2), C(32, 32, 4, 2)),
+    },
+    "bwd_dkdv_atomic": {
+        64: (C(32, 128, 8, 2), C(16, 128, 8, 2), C(32, 64, 8, 2), C(16, 128, 8, 3)),
+        128: (C(16, 128, 8, 2), C(16, 64, 8, 2), C(32, 32, 8, 2)),
     },
     "bwd_dq": {
         64: (C(64, 128, 8, 2), C(128, 64, 8, 3), C(128, 32, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(64, 32, 4, 2)),
@@ -144,14 +158,16 @@ def head_dim_bucket(d: int, dv: int) -> int:
 
 def configs_for(kernel: str, bucket: int, dtype: torch.dtype = torch.float16,
                 interpreter: Optional[bool] = None, arch: Optional[int] = None) -> Tuple[Config, ...]:
-    """Candidate configs of ``kernel`` ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq") for a head-dim
-    bucket, the input dtype and the GPU's compute capability ``arch`` (e.g. 90; None: the generic
-    list); the single interpreter config when ``interpreter`` (default: TRITON_INTERPRET is on).
-    "fwd_decode" is the forward kernel with the short-query tiles."""
+    """Candidate configs of ``kernel`` ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq") for
+    a head-dim bucket, the input dtype and the GPU's compute capability ``arch`` (e.g. 90; None: the
+    generic list); the single interpreter config when ``interpreter`` (default: TRITON_INTERPRET is on).
+    "fwd_decode" is the forward kernel with the short-query tiles, "bwd_dkdv_atomic" the dK/dV kernel
+    that also adds dQ (its own 16-bit lists; the dK/dV kernel's interpreter and float32 tiles)."""
     if interpreter if interpreter is not None else interpreter_active():
-        return (INTERPRETER_CONFIGS[kernel],)
+        return (INTERPRETER_CONFIGS["bwd_dkdv" if kernel == "bwd_dkdv_atomic" else kernel],)
     if dtype == torch.float32:
-        return CONFIGS_FP32["fwd" if kernel == "fwd_decode" else kernel][bucket]  # its tiles are small already
+        same = {"fwd_decode": "fwd", "bwd_dkdv_atomic": "bwd_dkdv"}
+        return CONFIGS_FP32[same.get(kernel, kernel)][bucket]  # its tiles are small already
     if kernel == "fwd_decode":
         return DECODE_CONFIGS[bucket]
     return ARCH_CONFIGS.get(arch, {}).get(kernel, {}).get(bucket) or CONFIGS[kernel][bucket]
@@ -160,4 +176,4 @@ def configs_for(kernel: str, bucket: int, dtype: torch.dtype = torch.float16,
 def default_configs(arch: Optional[int] = None, dtype: torch.dtype = torch.bfloat16) -> Dict[str, Dict[int, str]]:
     """{kernel: {bucket: default config}} on ``arch`` (what runs untuned): for `fastgpt inspect`."""
     return {kernel: {bucket: str(configs_for(kernel, bucket, dtype, False, arch)[0]) for bucket in sorted(CONFIGS["fwd"])}
-            for kernel in ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq")}
+            for kernel in ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")}

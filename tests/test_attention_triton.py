@@ -404,7 +404,7 @@ def _planted(monkeypatch, fwd_bug=None, bwd_bug=None):
         monkeypatch.setattr(fa, "forward", lambda q, k, v, out, lse, c, s: real_fwd(*fwd_bug(q, k, v), out, lse, c, s))
     if bwd_bug:
         real_bwd = fa.backward
-        monkeypatch.setattr(fa, "backward", lambda *a: (real_bwd(*a), bwd_bug(*a))[0])
+        monkeypatch.setattr(fa, "backward", lambda *a, **kw: (real_bwd(*a, **kw), bwd_bug(*a))[0])
 
 
 @pytest.mark.parametrize("bug", ["last key ignored", "one dk row off by 1e-2"])

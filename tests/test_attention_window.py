@@ -8,6 +8,7 @@ fallback) is held to the same rule. The kernels' tile bounds are checked against
 kernel that visits tiles outside every row's window (correct but quadratic) fails too.
 """
 
+import itertools
 import math
 import sys
 from typing import NamedTuple, Optional, Tuple
@@ -134,6 +135,56 @@ def test_flash_attn_func_takes_the_options(case, device, launches):
 @pytest.mark.parametrize("case", [CASES[1][0], CASES[5][0], CASES[11][0]], ids=str)
 def test_reference_backend_implements_the_options(case, device):
     check(case, device, backend="reference")
+
+
+def test_atomic_backward_takes_the_options(device, launches):
+    """deterministic=False: dQ summed by atomics in the dK/dV kernel, through the softcap and the window."""
+    case = Case(70, 50, (2, 1), F32, causal=True, window=(11, -1), softcap=6.0, alibi="bh", q_scale=2.0, batch=1)
+    (q, k, v), slopes = _inputs(case, device)
+    opts = {"window_size": case.window, "softcap": case.softcap, "alibi_slopes": slopes}
+    with fastgpt.use_backend("triton", strict=True):
+        check_against_torch(str(case), lambda q, k, v: fastgpt.attention(q, k, v, causal=True, deterministic=False, **opts),
+                            lambda q, k, v: attention_oracle(q, k, v, True, 0.25, window=case.window, softcap=case.softcap,
+                                                             alibi_slopes=slopes), [q, k, v], F32)
+    dkdv = next(p for p in launches if p.name == "bwd_dkdv_atomic")
+    assert all(dkdv.constexprs[f] for f in ("WINDOW", "SOFTCAP", "ALIBI", "ATOMIC_DQ"))
+
+
+# packed sequences: lengths 0 and 1, Sq != Sk per sequence, slopes per sequence (B, Hq)
+VARLEN = [((9, 0, 1, 40, 23), (30, 4, 1, 17, 23), True, (6, -1), 0.0, "bh"),
+          ((33, 5, 20), (12, 5, 45), False, (4, 9), 5.0, "h")]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("lens_q, lens_k, causal, window, softcap, alibi", VARLEN, ids=["causal-left-alibi", "both-softcap"])
+def test_varlen_takes_the_options(lens_q, lens_k, causal, window, softcap, alibi, backend, device, launches):
+    """flash_attn_varlen_func with window, softcap and ALiBi: each sequence against the oracle on its own."""
+    cu = [torch.tensor([0] + list(itertools.accumulate(n)), dtype=torch.int32, device=device) for n in (lens_q, lens_k)]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(sum(n), h, 16, generator=g).to(device).requires_grad_()
+               for n, h in ((lens_q, 4), (lens_k, 2), (lens_k, 2)))
+    slopes = torch.rand(len(lens_q), 4, generator=g) if alibi == "bh" else torch.rand(4, generator=g)
+    slopes = slopes.to(device)
+
+    def oracle(q, k, v):
+        outs, q0, k0 = [], 0, 0
+        for b, (sq, sk) in enumerate(zip(lens_q, lens_k)):
+            qs, ks, vs = (t[a : a + n].transpose(0, 1)[None] for t, a, n in ((q, q0, sq), (k, k0, sk), (v, k0, sk)))
+            sl = slopes[b : b + 1] if slopes.dim() == 2 else slopes
+            outs.append(attention_oracle(qs, ks, vs, causal, 0.25, window=window, softcap=softcap, alibi_slopes=sl)[0]
+                        .transpose(0, 1))
+            q0, k0 = q0 + sq, k0 + sk
+        return torch.cat(outs)
+
+    def fn(q, k, v):
+        return fastgpt.flash_attn_varlen_func(q, k, v, *cu, max(lens_q), max(lens_k), softmax_scale=0.25, causal=causal,
+                                              window_size=window, softcap=softcap, alibi_slopes=slopes)
+
+    with fastgpt.use_backend(backend, strict=True):
+        check_against_torch(f"varlen {backend}", fn, oracle, [q, k, v], F32)
+    if backend == "triton":
+        fwd = next(p for p in launches if p.name == "fwd")
+        assert fwd.constexprs["VARLEN"] and fwd.constexprs["ALIBI"] and fwd.constexprs["WINDOW"]
 
 
 @pytest.mark.parametrize(

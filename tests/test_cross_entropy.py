@@ -144,7 +144,7 @@ def test_gradients_are_computed_in_the_forward_and_only_scaled_by_the_backward(m
     t = make_target(9, 13)
     calls = []
     real = reference.linear_cross_entropy_chunked
-    monkeypatch.setattr(reference, "linear_cross_entropy_chunked", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(reference, "linear_cross_entropy_chunked", lambda *a, **k: calls.append(a) or real(*a, **k))
     with backends.use_backend("reference"):
         loss = fastgpt.linear_cross_entropy(x, w, t, reduction="sum")
         (2.5 * loss).backward()
@@ -158,7 +158,7 @@ def test_gradients_are_computed_in_the_forward_and_only_scaled_by_the_backward(m
 def test_no_gradient_needed_computes_none(monkeypatch):
     seen = []
     real = reference.linear_cross_entropy_chunked
-    monkeypatch.setattr(reference, "linear_cross_entropy_chunked", lambda *a: seen.append(a[7:10]) or real(*a))
+    monkeypatch.setattr(reference, "linear_cross_entropy_chunked", lambda *a, **k: seen.append(a[7:10]) or real(*a, **k))
     x, w, t = torch.randn(4, 8), torch.randn(5, 8), make_target(4, 5)
     with torch.no_grad():
         fastgpt.linear_cross_entropy(x.requires_grad_(), w, t)
@@ -167,7 +167,10 @@ def test_no_gradient_needed_computes_none(monkeypatch):
 
 
 def test_chunk_rows_keeps_a_chunk_of_logits_about_the_size_of_x():
-    assert ce_mod.chunk_rows(8192, 50304, 768) == math.ceil(8192 / math.ceil(50304 / 768))
+    assert ce_mod.chunk_rows(8192, 50304, 768) == max(math.ceil(8192 / math.ceil(50304 / 768)), ce_mod.CHUNK_MIN_ROWS)
+    assert ce_mod.chunk_rows(8192, 50304, 8192) == math.ceil(8192 / math.ceil(50304 / 8192))
+    assert ce_mod.chunk_rows(8192, 50304, 64) == max(8192 // 787 + 1, ce_mod.CHUNK_MIN_BYTES // (4 * 50304), 64)
+    assert ce_mod.chunk_rows(100, 50304, 768) == 100
     assert ce_mod.chunk_rows(8192, 128256, 4096) * 128256 <= 8192 * 4096 * 1.1
     assert ce_mod.chunk_rows(1, 10**6, 8) == 1
     assert ce_mod.chunk_rows(10**6, 2**20, 2**20) * 4 * 2**20 <= ce_mod.CHUNK_MAX_BYTES
@@ -270,6 +273,65 @@ def test_reference_linear_cross_entropy_never_allocates_the_logits():
     assert ours.peak <= 0.25 * eager.peak, (ours.peak, eager.peak)
 
 
+def test_accum_dtype_in_the_weight_dtype_drops_the_float32_weight_buffer():
+    """accum_dtype=bfloat16: no float32 (V, D) tensor is ever allocated (the default allocates one), and
+    the peak drops by at least the difference."""
+    n, v, d = 64, 512, 512  # D large: the (V, D) float32 buffer is the biggest tensor of the default
+    x = torch.randn(n, d, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, d) * 0.1).to(torch.bfloat16).requires_grad_()
+    t = make_target(n, v)
+    float32_weight = v * d * 4
+    with backends.use_backend("reference"):
+        exact = _run_recorded(lambda: fastgpt.linear_cross_entropy(x, w, t))
+        low = _run_recorded(lambda: fastgpt.linear_cross_entropy(x, w, t, accum_dtype=torch.bfloat16))
+    assert exact.largest >= float32_weight
+    # at least the float32 buffer less a bfloat16 weight's worth (both return a bfloat16 dweight)
+    assert low.largest < float32_weight and low.peak <= exact.peak - float32_weight // 2, (low.peak, exact.peak)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_accum_dtype_in_the_weight_dtype_rounds_once_per_chunk(backend, with_bias, device, monkeypatch):
+    """dx and dbias are those of the default (bitwise); each dweight element is within the float32
+    path's error plus one bfloat16 rounding (2**-8 relative) of each chunk's running sum, bounded by the
+    sum over chunks of |that chunk's float64 contribution|."""
+    n, v, d, chunk = 37, 300, 16, 5
+    monkeypatch.setattr(ce_mod, "chunk_rows", lambda n, v, d: chunk)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, d, generator=g).to(device, torch.bfloat16)
+    w = (torch.randn(v, d, generator=g) * 0.5).to(device, torch.bfloat16)
+    b = (torch.randn(v, generator=g) * 0.1).to(device, torch.bfloat16) if with_bias else None
+    t = make_target(n, v).to(device)
+
+    def grads(accum_dtype):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bs = b.clone().requires_grad_() if with_bias else None
+        with backends.use_backend(backend, strict=backend == "triton"):
+            fastgpt.linear_cross_entropy(xs, ws, t, bs, accum_dtype=accum_dtype).backward()
+        return xs.grad, ws.grad, bs.grad if with_bias else None
+
+    dx_exact, dw_exact, db_exact = grads(None)
+    dx_low, dw_low, db_low = grads(torch.bfloat16)
+    assert dw_low.dtype == torch.bfloat16
+    torch.testing.assert_close(dx_low, dx_exact, rtol=0, atol=0)
+    if with_bias:
+        torch.testing.assert_close(db_low, db_exact, rtol=0, atol=0)
+    # the float64 oracle, chunk by chunk
+    x64, w64 = x.double().cpu(), w.double().cpu()
+    z = x64 @ w64.t() + (b.double().cpu() if with_bias else 0)
+    valid = (t.cpu() != IGNORE)
+    dz = (torch.softmax(z, -1) - F.one_hot(t.cpu().clamp(min=0), v)) * valid[:, None] / valid.sum()
+    parts = [(dz[c:c + chunk].t() @ x64[c:c + chunk]) for c in range(0, n, chunk)]
+    running = torch.stack(parts).cumsum(0)
+    dw64 = running[-1]
+    # one rounding (unit roundoff 2**-8) of each chunk's running sum, and of the chunk's dz to x's dtype
+    rounding = running.abs().sum(0) + dz.abs().t() @ x64.abs()
+    bound = (dw_exact.double().cpu() - dw64).abs() + 2.0**-8 * rounding * 1.01
+    err = (dw_low.double().cpu() - dw64).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
+    assert not torch.equal(dw_low, dw_exact)  # the per-chunk rounding did happen
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: named errors before any work
 # --------------------------------------------------------------------------------------------
@@ -312,6 +374,7 @@ def test_bad_input_linear_cross_entropy(bad, exc, match):
         (dict(bias=torch.randn(7, dtype=torch.float16)), TypeError, "bias has dtype"),
         (dict(x=torch.zeros(4, 3, dtype=torch.long)), TypeError, "x must have a floating dtype"),
         (dict(weight=torch.randn(7, 3, device="meta")), ValueError, "weight is on meta"),
+        (dict(accum_dtype=torch.float16), ValueError, "accum_dtype must be None, torch.float32 or weight's dtype"),
     ],
 )
 def test_bad_input_linear_cross_entropy_shapes(change, exc, match):
@@ -381,3 +444,18 @@ def test_plain_backward_of_the_mean_loss_meets_the_parity_rule(backend, dtype, d
     for name, o, b, r in zip(("dx", "dweight"), ours, base, ref):
         assert o.dtype == dtype
         assert_parity(name, o, r, b, gradient=True)
+
+
+def test_linear_cross_entropy_loss_dtype_keeps_the_float32_sums():
+    """loss_dtype=float32 on 16-bit x returns the float32 sums the default rounds to x's dtype (once)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 16, generator=g).bfloat16(), torch.randn(40, 16, generator=g).bfloat16()
+    t = torch.randint(0, 40, (9,), generator=g)
+    for reduction in ("mean", "sum", "none"):
+        wide = fastgpt.linear_cross_entropy(x, w, t, reduction=reduction, loss_dtype=torch.float32)
+        assert wide.dtype == torch.float32
+        assert torch.equal(fastgpt.linear_cross_entropy(x, w, t, reduction=reduction), wide.bfloat16())
+        want = F.cross_entropy((x @ w.t()).double(), t, reduction=reduction)  # the logits meet in bf16, as eager code's
+        assert (wide.double() - want).abs().max() < 1e-5 * want.abs().max()
+    with pytest.raises(TypeError, match="loss_dtype must be None or a floating torch.dtype"):
+        fastgpt.linear_cross_entropy(x, w, t, loss_dtype=torch.int64)

@@ -69,12 +69,12 @@ MUTATIONS = {
         "m_sub = tl.where(m_new == float(\"-inf\"), 0.0, m_new)", "m_sub = m_new", "causal"),
     # the GQA mapping (interleaved instead of grouped)
     "fwd: kv head of V interleaved": (
-        "v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)\n    q = _load_tile",
-        "v_base = _head_ptr(V, b, svb, h % (Hq // GROUP), svh, ALIGN)\n    q = _load_tile", "gqa"),
+        "v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n    q = _load_tile",
+        "v_base = _head_ptr(V, bk, svb, h % (Hq // GROUP), svh, ALIGN)\n    q = _load_tile", "gqa"),
     "dkdv: query heads of the group interleaved": ("h = hk * GROUP + g", "h = g * Hk + hk", "gqa"),
     "dq: kv head of V interleaved": (
-        "v_base = _head_ptr(V, b, svb, hk, svh, ALIGN)\n\n",
-        "v_base = _head_ptr(V, b, svb, h % (Hq // GROUP), svh, ALIGN)\n\n", "gqa"),
+        "v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n\n",
+        "v_base = _head_ptr(V, bk, svb, h % (Hq // GROUP), svh, ALIGN)\n\n", "gqa"),
     # scales
     "fwd: exp instead of exp2 (log2(e) lost)": (
         "p = tl.math.exp2(s - m_sub[:, None])", "p = tl.math.exp(s - m_sub[:, None])", "ragged"),
@@ -114,6 +114,26 @@ MUTATIONS = {
     "dq: softcap derivative dropped": ("ds = ds * (1.0 - t * t)", "ds = ds", "softcap"),
     "alibi: distance from the top-left corner": (
         "tl.abs((i + causal_offset).to(tl.float32)", "tl.abs((i + 0).to(tl.float32)", "softcap"),
+    # packed sequences (VARLEN): where each sequence starts and how long it is
+    "varlen: a sequence's length one short": (
+        "return start, tl.load(Cu + b + 1) - start", "return start, tl.load(Cu + b + 1) - start - 1", "varlen"),
+    "varlen fwd: keys read from the query's offset": (
+        "k_base = _head_ptr(K, bk, skb, hk, skh, ALIGN)\n    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n    q = _load_tile",
+        "k_base = _head_ptr(K, b, skb, hk, skh, ALIGN)\n    v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)\n    q = _load_tile",
+        "varlen"),
+    "varlen dkdv: keys located by the queries' cu_seqlens": (
+        "bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)\n    hk = ", "bk, Sk = _seq_span(CuQ, bhk // Hk, Sk, VARLEN)\n    hk = ",
+        "varlen"),
+    "varlen dkdv: dK/dV stored at the queries' offsets": (
+        "bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)\n    _store_tile", "bk, Sk = _seq_span(CuQ, bhk // Hk, Sk, VARLEN)\n    _store_tile",
+        "varlen"),
+    "varlen: scratch rows not offset to the sequence": (
+        "return h.to(tl.int64) * TQ + b", "return h.to(tl.int64) * TQ", "varlen"),
+    # the atomic backward (deterministic=False): dQ summed over key tiles by atomics, then scaled
+    "dkdv atomic: each key tile's dQ stored, not added": (
+        "tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem=\"relaxed\")",
+        "tl.store(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))", "atomic"),
+    "dq convert: dQ not scaled": ("cast_out(acc * scale,", "cast_out(acc,", "atomic"),
 }
 
 
@@ -130,6 +150,13 @@ def _parity(dtype, causal, sq, sk, heads=(2, 1), d=16, b=1):
                             lambda q, k, v: attention_oracle(q, k, v, causal, scale), [q, k, v], dtype)
 
     return check
+
+
+def _atomic(device):
+    """deterministic=False, causal GQA 2:1 with two key tiles per query row (interpreter tiles: 32 keys)."""
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 4, 2, 40, 50, 16))
+    check_against_torch("atomic", lambda q, k, v: fastgpt.attention(q, k, v, causal=True, deterministic=False),
+                        lambda q, k, v: attention_oracle(q, k, v, True, 0.25), [q, k, v], torch.float32)
 
 
 def _tight(sq, sk, shift):
@@ -178,6 +205,15 @@ def _softcap(device):
                         torch.float32)
 
 
+def _varlen(device):
+    """Packed sequences with lengths 0 and 1, Sq != Sk per sequence, several tiles, causal GQA, and
+    the log-sum-exp (float32): the per-sequence oracle of tests/test_attention_varlen.py."""
+    import test_attention_varlen as tav
+
+    case = tav.Case((40, 0, 1, 17), (24, 5, 1, 50), 16, (4, 2), True, torch.float32)
+    tav.check_case(case, "triton", device, with_lse=True)
+
+
 CHECKS = {
     # causal, Sq < Sk and Sq > Sk, ragged in both; float32 so small slips show
     "causal": lambda device: (_parity(torch.float32, True, 40, 50)(device), _parity(torch.float32, True, 50, 40)(device)),
@@ -189,6 +225,8 @@ CHECKS = {
     "lse": _lse,
     "window": _window,
     "softcap": _softcap,
+    "varlen": _varlen,
+    "atomic": _atomic,
 }
 
 

@@ -127,6 +127,13 @@ def test_per_arch_candidate_lists():
             # float32 and the interpreter keep their own lists on every arch
             assert fa.configs_for(kernel, bucket, torch.float32, False, arch=90) == fa.CONFIGS_FP32[kernel][bucket]
             assert fa.configs_for(kernel, bucket, bf16, True, arch=90) == (fa.INTERPRETER_CONFIGS[kernel],)
+    # the atomic dK/dV kernel (deterministic=False): its own 16-bit lists, the dK/dV kernel's fp32 and interpreter tiles
+    for bucket in fa.CONFIGS["bwd_dkdv_atomic"]:
+        atomic = fa.configs_for("bwd_dkdv_atomic", bucket, bf16, False, arch=90)
+        assert atomic == fa.CONFIGS_SM90["bwd_dkdv_atomic"].get(bucket, fa.CONFIGS["bwd_dkdv_atomic"][bucket])
+        assert fa.configs_for("bwd_dkdv_atomic", bucket, bf16, False, arch=80) == fa.CONFIGS["bwd_dkdv_atomic"][bucket]
+        assert fa.configs_for("bwd_dkdv_atomic", bucket, torch.float32, False) == fa.CONFIGS_FP32["bwd_dkdv"][bucket]
+        assert fa.configs_for("bwd_dkdv_atomic", bucket, bf16, True) == (fa.INTERPRETER_CONFIGS["bwd_dkdv"],)
     # the tiles found spill-free on sm_90 at d = 128 lead its lists (dK/dV 32x128 spills with GQA: second)
     assert fa.CONFIGS_SM90["fwd"][128][0] == C(128, 128, 8, 3)
     assert fa.CONFIGS_SM90["bwd_dkdv"][128][:2] == (C(16, 128, 8, 2), C(32, 128, 8, 2))
@@ -167,6 +174,8 @@ def test_sm90_candidates_compile_for_sm90_without_spills():
     cases = [{**quick["gpt2-small"], "name": "gpt2-small-sm90", "config_arch": 90},
              {**quick["llama3-8b-gqa"], "name": "llama3-8b-gqa-sm90", "config_arch": 90}]
     assert (cases[0]["d"], cases[1]["d"], cases[0]["dtype"], cases[1]["dtype"]) == (64, 128, "bfloat16", "bfloat16")
+    # and the dK/dV kernel of deterministic=False (its own lists), whose candidates are all spill-free
+    cases += [{**case, "name": case["name"] + "-atomic", "passes": ("bwd",), "deterministic": False} for case in cases]
     with kr._Workers() as workers:
         records, _ = kr.compile_attention(cases, archs=(90,), workers=workers)
     problems, spilling = [], []
@@ -188,6 +197,9 @@ def test_sm90_candidates_compile_for_sm90_without_spills():
     for case, d in ((cases[0], 64), (cases[1], 128)):
         for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
             assert compiled[(case["name"], kernel)] == len(fa.CONFIGS_SM90[kernel][d]), (case["name"], kernel)
+    for case, d in ((cases[2], 64), (cases[3], 128)):
+        assert compiled[(case["name"], "bwd_dkdv_atomic")] == len(fa.CONFIGS_SM90["bwd_dkdv_atomic"][d]), case["name"]
+    assert not [s for s in spilling if s[1] == "bwd_dkdv_atomic"], spilling
 
 
 def test_interpreter_problem_names_the_numpy_triton_36_needs(monkeypatch):

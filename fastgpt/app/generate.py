@@ -30,8 +30,8 @@ def generate_text(ckpt_path: str, prompt: str, max_new_tokens: int, temperature:
     """Load the checkpoint's model and continue ``prompt``; returns {"prompt", "text", "tokens"}."""
     import torch
 
-    from fastgpt.model import GPT, GPTConfig
-    from fastgpt.app.train import TrainError, load_checkpoint
+    from fastgpt.model import GPT
+    from fastgpt.app.train import TrainError, load_checkpoint, model_config
 
     if max_new_tokens < 1:
         raise TrainError(f"--max-new-tokens must be at least 1; got {max_new_tokens}")
@@ -44,7 +44,7 @@ def generate_text(ckpt_path: str, prompt: str, max_new_tokens: int, temperature:
     if problem:
         raise TrainError(problem)
     ckpt = load_checkpoint(Path(ckpt_path))
-    config = GPTConfig(**ckpt["model_config"])
+    config = model_config(ckpt["model_config"], Path(ckpt_path))  # the architecture it was trained with
     if config.vocab_size != 256:
         raise TrainError(
             f"{ckpt_path} has a {config.vocab_size}-token vocabulary; fastgpt generate decodes byte-level (256) models only"

@@ -32,7 +32,8 @@ from fastgpt.app import train_fsdp
 from fastgpt.app.common import backend_notice, check_device, fallback_notices
 from fastgpt.app.train_args import MODEL_FLAGS, _validate, add_arguments  # noqa: F401
 from fastgpt.app.train_checkpoint import (  # noqa: F401  (re-exported: the public names of fastgpt.train)
-    CKPT_FORMAT, OutDirLock, _Log, _rng_state, check_fresh_start, _set_rng_state, content_digest, load_checkpoint, save_checkpoint,
+    CKPT_FORMAT, OutDirLock, _Log, _rng_state, check_fresh_start, _set_rng_state, content_digest, load_checkpoint, model_config,
+    save_checkpoint,
 )
 from fastgpt.app.train_data import (  # noqa: F401
     Corpus, TrainError, batch_offsets, fingerprint, get_batch, load_corpus, rank_shard,
@@ -198,16 +199,16 @@ def _load_data(run: _Run) -> None:
 
 
 def _model_config(run: _Run) -> None:
-    """The GPTConfig from the flags and the data; on resume it must equal the checkpoint's."""
-    from fastgpt.model import GPTConfig
+    """The GPTConfig from the flags (--arch: a named architecture) and the data; on resume it must equal the checkpoint's."""
+    from fastgpt.model import ARCHITECTURES, GPTConfig
 
     a = run.args
     run.config = GPTConfig(
         block_size=a.block_size, vocab_size=run.corpus.vocab_size, n_layer=a.n_layer, n_head=a.n_head,
-        n_embd=a.n_embd, dropout=a.dropout, bias=a.bias,
+        n_embd=a.n_embd, dropout=a.dropout, bias=a.bias, n_kv_head=a.n_kv_head, **ARCHITECTURES[a.arch],
     )
     if run.ckpt is not None:
-        saved = run.ckpt["model_config"]
+        saved = asdict(model_config(run.ckpt["model_config"], run.ckpt_path))
         mismatched = {k: (saved.get(k), v) for k, v in asdict(run.config).items() if saved.get(k) != v}
         if mismatched:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())

@@ -5,7 +5,16 @@ import argparse
 from fastgpt.app.common import brief_errors, device_name, float_in, int_at_least, positive_float, positive_int, seed_int
 from fastgpt.app.train_data import TrainError
 
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
+MODEL_FLAGS = ("arch", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "bias", "dropout")
+
+
+def arch_name(text: str) -> str:
+    """A named architecture of :data:`fastgpt.model.ARCHITECTURES`."""
+    from fastgpt.model import ARCHITECTURES
+
+    if text not in ARCHITECTURES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(ARCHITECTURES)}; got {text!r}")
+    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,8 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pos, nonneg = positive_int, int_at_least(0)
     p.add_argument("--data", help="text file, folder of text files, or nanoGPT uint16 .bin (default: Python's stdlib sources)")
     p.add_argument("--out-dir", default="out", help="where ckpt.pt and log.jsonl go (default: out)")
+    p.add_argument(
+        "--arch", type=arch_name, default="gpt2",
+        help="gpt2: nanoGPT's (LayerNorm, learned positions, GELU MLP, tied embeddings); llama: RMSNorm, rotary "
+        "positions, SwiGLU MLP, untied embeddings, trained with the fused linear cross-entropy (default: gpt2)",
+    )
     p.add_argument("--n-layer", type=pos, default=4)
     p.add_argument("--n-head", type=pos, default=4)
+    p.add_argument("--n-kv-head", type=pos, default=None, help="key/value heads: grouped-query attention (divides --n-head; default: --n-head)")
     p.add_argument("--n-embd", type=pos, default=128)
     p.add_argument("--block-size", type=pos, default=128)
     p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False, help="biases in linear and layer norm layers")
@@ -68,3 +83,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise TrainError("--compile is not supported with --fsdp yet")
     if args.n_embd % args.n_head:
         raise TrainError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    if args.n_kv_head is not None and args.n_head % args.n_kv_head:
+        raise TrainError(f"--n-kv-head ({args.n_kv_head}) must divide --n-head ({args.n_head})")
+    if args.arch == "llama" and (args.n_embd // args.n_head) % 2:
+        raise TrainError(f"--arch llama needs an even head size: --n-embd / --n-head = {args.n_embd // args.n_head}")

@@ -106,6 +106,16 @@ def save_checkpoint(path: Path, payload: Dict[str, Any], fmt: str = CKPT_FORMAT)
 CKPT_REQUIRED = ("model", "optimizer", "step", "model_config", "train_args", "resume_key", "rng")
 
 
+def model_config(saved: Dict[str, Any], path: Path):
+    """The GPTConfig a checkpoint records (fields it predates take their defaults: GPT-2's architecture)."""
+    from fastgpt.model import GPTConfig
+
+    try:
+        return GPTConfig(**saved)
+    except (TypeError, ValueError) as exc:
+        raise TrainError(f"{path} records a model configuration this fastgpt cannot build ({exc})") from None
+
+
 def load_checkpoint(path: Path, fmt: str = CKPT_FORMAT, required=CKPT_REQUIRED) -> Dict[str, Any]:
     """Load and validate ``ckpt.pt``; a truncated, corrupt or foreign file raises TrainError."""
     import torch

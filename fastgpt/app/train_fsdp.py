@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
-from fastgpt.app.train_checkpoint import OutDirLock, load_checkpoint, save_checkpoint
+from fastgpt.app.train_checkpoint import OutDirLock, load_checkpoint, model_config, save_checkpoint
 from fastgpt.app.train_data import TrainError
 
 DCP_NAME = "ckpt.dcp"
@@ -263,14 +263,14 @@ def consolidate(out_dir: Path, overwrite: bool) -> Path:
 
 
 def _consolidate(out_dir: Path, overwrite: bool) -> Path:
-    from fastgpt.model import GPT, GPTConfig
+    from fastgpt.model import GPT
 
     meta = load_meta(out_dir)
     target = out_dir / "ckpt.pt"
     if target.exists() and not overwrite:
         raise TrainError(f"{target} exists; pass --overwrite to replace it with the consolidated checkpoint")
     args = meta["train_args"]
-    model = GPT(GPTConfig(**meta["model_config"]))
+    model = GPT(model_config(meta["model_config"], out_dir / DCP_NAME))
     optimizer = model.configure_optimizers(args["weight_decay"], args["lr"], (0.9, 0.95), "cpu")
     load_state(model, optimizer, out_dir, meta, 0, 1, no_dist=True)
     payload = {k: meta[k] for k in ("step", "model_config", "train_args", "resume_key", "rng")}

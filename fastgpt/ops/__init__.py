@@ -8,7 +8,7 @@ import importlib
 
 from fastgpt import registry
 
-_OP_MODULES = ("attention", "layer_norm", "gelu", "cross_entropy", "decode_attention", "rms_norm", "swiglu", "rotary")  # registration order: explain(), bench and reports follow it
+_OP_MODULES = ("attention", "varlen_attention", "layer_norm", "gelu", "cross_entropy", "decode_attention", "rms_norm", "swiglu", "rotary")  # registration order: explain(), bench and reports follow it
 
 for _name in _OP_MODULES:
     importlib.import_module(f"fastgpt.ops.{_name}")

@@ -45,9 +45,10 @@ def _window_side(fn: str, value: object) -> int:
 
 
 def check_options(fn: str, q: Tensor, causal: bool, window_size: object, softcap: object,
-                  alibi_slopes: object) -> AttentionOptions:
-    """Validate flash-attn's options for queries q (B, Hq, Sq, D) and normalise them. Raises TypeError
-    or ValueError naming the argument. A non-causal window (-1, 0) is the causal mask and becomes it."""
+                  alibi_slopes: object, batch: Optional[int] = None) -> AttentionOptions:
+    """Validate flash-attn's options for queries q (B, Hq, Sq, D), or packed (T, Hq, D) with ``batch``
+    sequences, and normalise them. Raises TypeError or ValueError naming the argument. A non-causal
+    window (-1, 0) is the causal mask and becomes it."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"{fn}: window_size must be a (left, right) pair of ints; got {window_size!r}")
     left, right = (_window_side(fn, w) for w in window_size)
@@ -57,7 +58,7 @@ def check_options(fn: str, q: Tensor, causal: bool, window_size: object, softcap
     if not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"{fn}: softcap must be finite and >= 0 (0.0: off); got {softcap}")
     if alibi_slopes is not None:
-        _check_slopes(fn, q, alibi_slopes)
+        _check_slopes(fn, q, q.shape[0] if batch is None else batch, alibi_slopes)
     causal = bool(causal)
     if not causal and left < 0 and right == 0:
         causal = True  # the same mask; the causal kernels skip the tiles above the diagonal
@@ -66,12 +67,12 @@ def check_options(fn: str, q: Tensor, causal: bool, window_size: object, softcap
     return AttentionOptions(causal, (left, right), softcap, alibi_slopes)
 
 
-def _check_slopes(fn: str, q: Tensor, slopes: object) -> None:
+def _check_slopes(fn: str, q: Tensor, b: int, slopes: object) -> None:
     if not isinstance(slopes, Tensor):
         raise TypeError(f"{fn}: alibi_slopes must be a torch.Tensor or None; got {type(slopes).__name__}")
     if slopes.dtype != torch.float32:
         raise TypeError(f"{fn}: alibi_slopes must be float32 (as in flash-attn); got {slopes.dtype}")
-    b, hq = q.shape[0], q.shape[1]
+    hq = q.shape[1]
     if tuple(slopes.shape) not in ((hq,), (b, hq)):
         raise ValueError(f"{fn}: alibi_slopes must have shape (Hq,) = ({hq},) or (B, Hq) = ({b}, {hq}); "
                          f"got {tuple(slopes.shape)}")

@@ -14,8 +14,10 @@ it to the top left. Query rows that see no key (Sq > Sk) give zeros, never NaN.
 Backend interface (``fastgpt.kernels.flash_attention`` implements it for ``triton``)::
 
     unsupported_reason(q, k, v) -> str | None          # why this call cannot run on the kernel
-    forward(q, k, v, out, lse, is_causal, scale, *, window, softcap, alibi_slopes) -> None   # writes out, lse
-    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, *, window, softcap, alibi_slopes) -> None
+    forward(q, k, v, out, lse, is_causal, scale, **options) -> None   # writes out and lse (B, Hq, Sq) float32
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=True, **options) -> None
+
+(``options``: window, softcap, alibi_slopes; passed only when one is on, see :func:`_backend_options`.)
 
 q, k, v, out, dout, dq, dk, dv are logical (B, H, S, D) tensors with arbitrary strides (any strides
 work, 0 included; a contiguous last dim is fastest); ``dlse`` is None or (B, Hq, Sq).
@@ -112,7 +114,9 @@ def _backend_options(window_left: int, window_right: int, softcap: float, alibi_
 
 
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, seq_major: bool,
-                   window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                   deterministic: bool = True, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                   alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    # (deterministic is the backward's: an input here so that setup_context can hand it on)
     out, lse = _alloc_forward(q, v, seq_major)
     opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v) == "triton":
@@ -126,7 +130,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: floa
     return out, lse
 
 
-def _attention_fwd_fake(q, k, v, is_causal, scale, seq_major, window_left, window_right, softcap, alibi_slopes):
+def _attention_fwd_fake(q, k, v, is_causal, scale, seq_major, deterministic=True, window_left=-1, window_right=-1,
+                        softcap=0.0, alibi_slopes=None):
     return _alloc_forward(q, v, seq_major)
 
 
@@ -141,45 +146,48 @@ def _attention_bwd(
     is_causal: bool,
     scale: float,
     seq_major: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    alibi_slopes: Optional[Tensor],
+    deterministic: bool = True,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _alloc_grads(q, k, v, seq_major)
     opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v) == "triton":
         from fastgpt.kernels import flash_attention
 
-        flash_attention.backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, **opts)
+        flash_attention.backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic,
+                                 **opts)
         return dq, dk, dv
     for dst, src in zip((dq, dk, dv), reference.attention_backward(dout, q, k, v, out, lse, dlse, is_causal, scale, **opts)):
         dst.copy_(src)
     return dq, dk, dv
 
 
-def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, seq_major, window_left, window_right, softcap,
-                        alibi_slopes):
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, seq_major, deterministic=True, window_left=-1,
+                        window_right=-1, softcap=0.0, alibi_slopes=None):
     return _alloc_grads(q, k, v, seq_major)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, is_causal, scale, seq_major, window_left, window_right, softcap, alibi_slopes = inputs
+    # (the custom op fills in defaults)
+    q, k, v, is_causal, scale, seq_major, deterministic, window_left, window_right, softcap, alibi_slopes = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-    ctx.is_causal, ctx.scale, ctx.seq_major = is_causal, scale, seq_major
+    ctx.is_causal, ctx.scale, ctx.seq_major, ctx.deterministic = is_causal, scale, seq_major, deterministic
     ctx.window, ctx.softcap = (window_left, window_right), softcap
 
 
 def _backward(ctx, attention_bwd, dout, dlse):
-    nones = (None,) * 7  # is_causal, scale, seq_major and the options get no gradient
+    nones = (None,) * 8  # is_causal, scale, seq_major, deterministic and the options get no gradient
     if dout is None and dlse is None:
         return (None, None, None) + nones
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major, *ctx.window,
-                               ctx.softcap, alibi_slopes)
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major, ctx.deterministic,
+                               *ctx.window, ctx.softcap, alibi_slopes)
     return (dq, dk, dv) + nones
 
 
@@ -265,9 +273,15 @@ def _torch_sdpa_shortcut(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale
     return _torch_sdpa(q, k, v, is_causal=torch_causal, scale=scale)
 
 
-def _run(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, scale: float, seq_major: bool) -> Tuple[Tensor, Tensor]:
+def _check_deterministic(fn: str, deterministic) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"{fn}: deterministic must be a bool; got {type(deterministic).__name__}")
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, scale: float, seq_major: bool,
+         deterministic: bool = True) -> Tuple[Tensor, Tensor]:
     """The custom op on validated options: (out, lse)."""
-    return _attention(q, k, v, opts.causal, scale, seq_major, *opts.window, opts.softcap, opts.alibi_slopes)
+    return _attention(q, k, v, opts.causal, scale, seq_major, deterministic, *opts.window, opts.softcap, opts.alibi_slopes)
 
 
 def _default_scale(scale: Optional[float], d: int) -> float:
@@ -277,12 +291,12 @@ def _default_scale(scale: Optional[float], d: int) -> float:
     return 1.0 / math.sqrt(d) if d > 0 else 1.0
 
 
-def _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason):
+def _torch_sdpa_fallback(q, k, v, attn_mask, dropout_p, is_causal, scale, reason, op="attention"):
     """Features the kernels lack (dense masks, dropout): torch's own SDPA, with our semantics kept."""
     if not is_compiling():
         requested = backends.requested_backend()
         if requested != "reference":
-            backends.report_fallback("attention", "triton" if requested == "auto" else requested, reason)
+            backends.report_fallback(op, "triton" if requested == "auto" else requested, reason)
     if not is_causal:
         return _torch_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     sq, sk = q.shape[2], k.shape[2]
@@ -307,6 +321,7 @@ def attention(
     causal: bool = False,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    deterministic: bool = True,
     window_size: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: Optional[Tensor] = None,
@@ -322,6 +337,10 @@ def attention(
         return_lse: also return the natural-log log-sum-exp of the scaled scores, (B, Hq, Sq) float32
             (-inf for rows that see no key). It is differentiable, so partial attentions over key
             blocks can be merged (out = sum_i exp(lse_i - lse) out_i) and trained through.
+        deterministic: True (the default): the backward is bitwise reproducible. False: the Triton
+            backward computes dq inside the dK/dV kernel with float32 atomic adds (5 matmuls per tile
+            instead of 7, as FlashAttention-2 does), so dq's rounding varies from run to run (dk, dv do
+            not). flash-attn's default is the non-deterministic backward; fastgpt's is not.
         window_size: (left, right) sliding window, flash-attn's: query i sees keys
             [i + Sk - Sq - left, i + Sk - Sq + right]; -1 leaves a side unbounded; causal sets right = 0.
             Key tiles outside every row's window are skipped (work ~ Sq x window).
@@ -335,13 +354,14 @@ def attention(
     """
     fn = "fastgpt.attention"
     _check_qkv(fn, q, k, v, allow_gqa=True)
+    _check_deterministic(fn, deterministic)
     opts = check_options(fn, q, causal, window_size, softcap, alibi_slopes)
     scale = _default_scale(scale, q.shape[-1])
     if not return_lse and opts.plain:  # torch's SDPA knows no window, softcap or ALiBi
         out = _torch_sdpa_shortcut(q, k, v, opts.causal, scale)
         if out is not None:
             return out
-    out, lse = _run(q, k, v, opts, scale, False)
+    out, lse = _run(q, k, v, opts, scale, False, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -404,6 +424,8 @@ def flash_attn_func(
     softcap: float = 0.0,
     alibi_slopes: Optional[Tensor] = None,
     return_lse: bool = False,
+    *,
+    deterministic: bool = True,
 ):
     """Drop-in for ``flash_attn.flash_attn_func``: layout (B, S, H, D), GQA when k/v have fewer heads.
 
@@ -411,11 +433,14 @@ def flash_attn_func(
     copy); the output is a contiguous (B, Sq, Hq, Dv) tensor. The causal mask is bottom-right
     aligned, as in flash-attn >= 2.1. ``window_size``, ``softcap`` and ``alibi_slopes`` are
     flash-attn's (see :func:`attention`). ``dropout_p > 0`` runs torch's SDPA with a one-time warning
-    (not with those three). With ``return_lse`` also returns the log-sum-exp, (B, Hq, Sq) float32.
+    (not with those three). With ``return_lse`` also returns the log-sum-exp, (B, Hq, Sq) float32. ``deterministic`` (keyword)
+    is :func:`attention`'s: True by default, where flash-attn's default is False (its atomic dq); pass
+    False for the faster backward whose dq varies in its last bits from run to run.
     """
     fn = "fastgpt.flash_attn_func"
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(fn, name, t, ndim=(4,))
+    _check_deterministic(fn, deterministic)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     _check_qkv(fn, qt, kt, vt, allow_gqa=True)
     opts = check_options(fn, qt, causal, window_size, softcap, alibi_slopes)
@@ -433,7 +458,7 @@ def flash_attn_func(
         out = _torch_sdpa_shortcut(qt, kt, vt, opts.causal, scale)
         if out is not None:
             return out.transpose(1, 2).contiguous()
-    out, lse = _run(qt, kt, vt, opts, scale, True)
+    out, lse = _run(qt, kt, vt, opts, scale, True, deterministic)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 

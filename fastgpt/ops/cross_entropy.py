@@ -25,7 +25,7 @@ from torch import Tensor
 from fastgpt import backends, reference
 from fastgpt.ops._checks import check_same_device, check_same_dtype, check_tensor, is_compiling
 from fastgpt.ops._define import TORCH_EXACT_DTYPES, FastgptOp, reference_serves
-from fastgpt.registry import OpSpec, register
+from fastgpt.registry import OpSpec, element_size, register
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "chunk_rows"]
 
@@ -33,17 +33,22 @@ REDUCTIONS = ("mean", "sum", "none")
 TARGET_DTYPES = (torch.int64, torch.int32)
 CHUNK_MAX_BYTES = 256 * 2**20  # cap on one chunk's float32 logits
 CHUNK_MIN_BYTES = 2**20  # below a MiB of logits, chunking saves nothing and costs a Python loop
+# each chunk also reads and writes the (V, D) dweight sum (8*V*D bytes in float32): below ~256 rows that
+# update costs more than the chunk's GEMMs (CPU, V=50304, D=768, 1024 tokens, forward + backward:
+# 16-row chunks 10.0 s, 64 rows 6.4 s, 256 rows 4.7 s, eager 4.6 s); small-M GEMMs are slow on GPUs too
+CHUNK_MIN_ROWS = 256
 _KERNEL_MODULE = "fastgpt.kernels.cross_entropy"
 _EMPTY_SHAPE = (0,)
 
 
 def chunk_rows(n: int, v: int, d: int) -> int:
     """Tokens per chunk of the linear cross-entropy: a chunk's logits about the size of x (N / ceil(V / D)
-    rows, Liger-Kernel's rule), at least :data:`CHUNK_MIN_BYTES` and at most :data:`CHUNK_MAX_BYTES`
-    of float32 logits, at least one row."""
+    rows, Liger-Kernel's rule), at least min(:data:`CHUNK_MIN_ROWS`, D) rows and :data:`CHUNK_MIN_BYTES` of
+    float32 logits, at most :data:`CHUNK_MAX_BYTES` of them and N rows, at least one row."""
     v = max(v, 1)
-    rows = max(math.ceil(max(n, 1) / math.ceil(v / max(d, 1))), CHUNK_MIN_BYTES // (4 * v))
-    return max(1, min(rows, CHUNK_MAX_BYTES // (4 * v)))
+    # CHUNK_MIN_ROWS only up to D rows: then a chunk's logits are no bigger than the (V, D) dweight sum
+    rows = max(math.ceil(max(n, 1) / math.ceil(v / max(d, 1))), CHUNK_MIN_BYTES // (4 * v), min(CHUNK_MIN_ROWS, d))
+    return max(1, min(rows, CHUNK_MAX_BYTES // (4 * v), n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,8 +113,8 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY_SHAPE)
 
 
-def _loss_fake(rows: int, like: Tensor, reduction: str) -> Tensor:
-    return like.new_empty((rows,) if reduction == "none" else ())
+def _loss_fake(rows: int, like: Tensor, reduction: str, dtype: Optional[torch.dtype] = None) -> Tensor:
+    return like.new_empty((rows,) if reduction == "none" else (), dtype=dtype)
 
 
 # ---- cross_entropy ---------------------------------------------------------------------------
@@ -190,38 +195,42 @@ _cross_entropy = FastgptOp(
 # ---- linear_cross_entropy --------------------------------------------------------------------
 
 
-def _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_dx, need_dw, need_db):
+def _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_dx, need_dw, need_db, dw_in_w_dtype):
     rows_fn = _rows_fn("linear_cross_entropy", x)
     chunk = chunk_rows(x.shape[0], weight.shape[0], x.shape[1])
     return reference.linear_cross_entropy_chunked(
-        x, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_dx, need_dw, need_db, chunk, rows_fn
+        x, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_dx, need_dw, need_db, chunk, rows_fn,
+        dweight_in_weight_dtype=dw_in_w_dtype,
     )
 
 
 def _lce_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, reduction: str,
-    label_smoothing: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
+    label_smoothing: float, need_dx: bool, need_dweight: bool, need_dbias: bool, dweight_in_weight_dtype: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     cd = reference.compute_dtype(x.dtype)
     now = reduction != "none"  # 'none' needs the per-row upstream gradient: computed in the backward
     flags = (need_dx and now, need_dweight and now, need_dbias and now and bias is not None)
     scale = _grad_scale(target, ignore_index, reduction, cd) if any(flags) else None
-    loss, dx, dw, db = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, *flags)
-    # dweight and dbias stay in the compute dtype until the backward has scaled them: one rounding
+    loss, dx, dw, db = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, *flags, dweight_in_weight_dtype)
+    # dweight and dbias stay in the compute dtype until the backward has scaled them: one rounding;
+    # the loss too (linear_cross_entropy rounds it to its loss_dtype)
     return (
-        _reduce(loss, target, ignore_index, reduction, x.dtype),
+        _reduce(loss, target, ignore_index, reduction, cd),
         dx if dx is not None else _empty(x),
         dw if dw is not None else _empty(weight),
         db if db is not None else _empty(weight),
     )
 
 
-def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dweight, need_dbias):
+def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dweight, need_dbias,
+                  dweight_in_weight_dtype):
     now = reduction != "none"
+    dw_dtype = weight.dtype if dweight_in_weight_dtype else _cd(weight)
     return (
-        _loss_fake(x.shape[0], x, reduction),
+        _loss_fake(x.shape[0], x, reduction, _cd(x)),
         torch.empty_like(x) if need_dx and now else _empty(x),
-        torch.empty_like(weight, dtype=_cd(weight)) if need_dweight and now else _empty(weight),
+        torch.empty_like(weight, dtype=dw_dtype) if need_dweight and now else _empty(weight),
         weight.new_empty(weight.shape[0], dtype=_cd(weight)) if need_dbias and now and bias is not None else _empty(weight),
     )
 
@@ -229,12 +238,14 @@ def _lce_fwd_fake(x, weight, bias, target, ignore_index, reduction, label_smooth
 def _lce_bwd(
     dloss: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, dx: Tensor, dweight: Tensor,
     dbias: Tensor, ignore_index: int, reduction: str, label_smoothing: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
+    dweight_in_weight_dtype: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     need_dbias = need_dbias and bias is not None
     cd = reference.compute_dtype(x.dtype)
     if reduction == "none":
         scale = _grad_scale(target, ignore_index, reduction, cd, dloss)
-        _, dx, dweight, dbias = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, need_dx, need_dweight, need_dbias)
+        _, dx, dweight, dbias = _lce_compute(x, weight, bias, target, ignore_index, label_smoothing, scale, need_dx, need_dweight,
+                                             need_dbias, dweight_in_weight_dtype)
         s = None
     else:
         s = dloss.to(cd)
@@ -246,11 +257,17 @@ def _lce_bwd(
             out.append(_empty(x))
             continue
         # a fresh tensor: a custom op may not return its inputs (the saved gradients)
-        out.append(g.to(like.dtype, copy=reduction != "none") if s is None else (g.to(cd) * s).to(like.dtype))
+        if s is None:
+            out.append(g.to(like.dtype, copy=reduction != "none"))
+        elif g.dtype == like.dtype:  # dweight kept in weight's dtype: scaled in float32 per element, no float32 copy
+            out.append(g * s)
+        else:
+            out.append((g.to(cd) * s).to(like.dtype))
     return tuple(out)
 
 
-def _lce_bwd_fake(dloss, x, weight, bias, target, dx, dweight, dbias, ignore_index, reduction, label_smoothing, need_dx, need_dweight, need_dbias):
+def _lce_bwd_fake(dloss, x, weight, bias, target, dx, dweight, dbias, ignore_index, reduction, label_smoothing, need_dx, need_dweight,
+                  need_dbias, dweight_in_weight_dtype):
     return (
         torch.empty_like(x) if need_dx else _empty(x),
         torch.empty_like(weight) if need_dweight else _empty(weight),
@@ -263,21 +280,25 @@ def _cd(t: Tensor) -> torch.dtype:
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db = inputs
+    x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db, dw_in_w_dtype = inputs
     _, dx, dw, db = output
     ctx.save_for_backward(x, weight, bias, target, dx, dw, db)
-    ctx.args = (ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db)
+    ctx.args = (ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db, dw_in_w_dtype)
 
 
 def _lce_backward(ctx, linear_cross_entropy_bwd, dloss, _dx, _dw, _db):
     if dloss is None:
-        return (None,) * 10
+        return (None,) * 11
     x, weight, bias, target, dx, dw, db = ctx.saved_tensors
-    _, reduction, _, need_dx, need_dw, need_db = ctx.args
+    _, reduction, _, need_dx, need_dw, need_db, dw_in_w_dtype = ctx.args
+    need_db = need_db and bias is not None
+    # the forward's gradients are final when each is in its tensor's dtype (16-bit float32 sums are
+    # rounded in the backward op): float32 inputs, or dweight kept in weight's dtype and no dbias
+    final = x.dtype == _cd(x) or (dw_in_w_dtype and not need_db)
     compiled = linear_cross_entropy_bwd is _linear_cross_entropy.bwd_op
-    if not (x.dtype == _cd(x) and _unit_upstream(reduction, dloss, dx if need_dx else dw, compiled)):  # 16-bit: rounded in the op
+    if not (final and _unit_upstream(reduction, dloss, dx if need_dx else dw, compiled)):
         dx, dw, db = linear_cross_entropy_bwd(dloss.contiguous(), x, weight, bias, target, dx, dw, db, *ctx.args)
-    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db and bias is not None else None), *(None,) * 7
+    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), *(None,) * 8
 
 
 _linear_cross_entropy = FastgptOp(
@@ -360,6 +381,9 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    loss_dtype: Optional[torch.dtype] = None,
+    accum_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """``cross_entropy(x @ weight.T + bias, target, ...)`` without ever holding the (tokens x V) logits.
 
@@ -367,8 +391,16 @@ def linear_cross_entropy(
     :func:`cross_entropy`, with the same semantics). The logits are computed chunk by chunk over the
     tokens (:func:`chunk_rows`: a chunk's logits about the size of x); for reductions "mean" and "sum"
     the gradients of x, weight and bias are computed in the same pass when they are needed, so the
-    backward only scales them; for "none" the backward recomputes the chunks. dweight and dbias are
-    summed over chunks in float32 for 16-bit weights. Returns the loss in x's dtype.
+    backward only scales them; for "none" the backward recomputes the chunks. Returns the loss in x's
+    dtype, or in ``loss_dtype`` (a floating dtype) rounded once from the float32 sums: ``torch.float32``
+    for 16-bit x is the loss Hugging Face's causal LMs report (they upcast the logits before the loss).
+
+    ``accum_dtype``: the dtype dweight is summed in across chunks. None (default) or torch.float32:
+    float32 for 16-bit weights (within the parity rule of eager's one GEMM), which costs a (V, D) float32
+    buffer (4*V*D bytes, twice a bfloat16 weight: at D=4096 more than eager's logits). The weight's
+    own dtype (e.g. torch.bfloat16): no such buffer, one rounding per chunk instead (what
+    Liger-Kernel does by default; its error grows with the number of chunks). dbias is always summed
+    in float32.
     """
     fn = "fastgpt.linear_cross_entropy"
     check_tensor(fn, "x", x, min_ndim=1)
@@ -386,13 +418,19 @@ def linear_cross_entropy(
     check_same_dtype(fn, x=x, weight=weight, bias=bias)
     _check_target(fn, target, x.shape[:-1], v, ignore_index, "x's shape without its last dim")
     check_same_device(fn, x=x, weight=weight, bias=bias, target=target)
+    if loss_dtype is not None and not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point):
+        raise TypeError(f"{fn}: loss_dtype must be None or a floating torch.dtype; got {loss_dtype!r}")
+    cd = reference.compute_dtype(weight.dtype)
+    if accum_dtype is not None and accum_dtype not in (cd, weight.dtype):
+        raise ValueError(f"{fn}: accum_dtype must be None, {cd} or weight's dtype {weight.dtype}; got {accum_dtype!r}")
     grad = torch.is_grad_enabled()
     need = (grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
     x2 = x.reshape(-1, d).contiguous()
     loss, *_ = _linear_cross_entropy(
         x2, weight.contiguous(), None if bias is None else bias.contiguous(), target.reshape(-1).contiguous(),
-        int(ignore_index), reduction, float(label_smoothing), *need,
+        int(ignore_index), reduction, float(label_smoothing), *need, accum_dtype is not None and accum_dtype != cd,
     )
+    loss = loss.to(loss_dtype or x.dtype)
     return loss.view(target.shape) if reduction == "none" else loss
 
 
@@ -400,6 +438,17 @@ def linear_cross_entropy(
 # registry entries: work model, benchmark/parity cases and targets (docs/design.md, 'Adding an op')
 # --------------------------------------------------------------------------------------------
 from fastgpt.ops import _cross_entropy_cases as _cases  # noqa: E402  (needs the functions above)
+
+
+
+def _report_launches(t: int, v: int, dtype: torch.dtype):
+    """The registry's ``report_launches``: the kernel's one launch (loss and gradient of a training
+    step); its second pass over each row reads the logits again (counted as HBM traffic, no L2 credit).
+    The backward is not a kernel: it scales the saved gradient by the upstream one."""
+    from fastgpt.kernels import cross_entropy as kernels
+
+    return [(p, plan, float(t * v * element_size(dtype))) for p, plan in kernels.example_plans(t, v, dtype)]
+
 
 register(
     OpSpec(
@@ -410,6 +459,9 @@ register(
         dims=("T", "V"),
         parity_dims=((33, 1000), (257, 5003)),
         dispatch_sizes={"tiny": (8, 64), "small": (256, 1024), "realistic": (512, 8192)},
+        report_shapes=((8192, 50304), (8192, 128256)),  # GPT-2's and Llama-3's vocabularies
+        report_launches=_report_launches,
+        report_hidden=False,
         cases=_cases.cross_entropy_cases(cross_entropy),
     )
 )
@@ -420,6 +472,7 @@ register(
         functions=(linear_cross_entropy,),
         backends=("triton",),
         custom_ops=(_linear_cross_entropy,),
+        patchable=True,
         dims=("T", "V", "D"),
         parity_dims=((33, 1000, 16), (257, 5003, 64)),
         dispatch_sizes={"tiny": (8, 64, 16), "small": (256, 1024, 64), "realistic": (256, 8192, 128)},

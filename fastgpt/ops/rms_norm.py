@@ -294,15 +294,34 @@ _ARN_MODEL = {
 }
 _WIDE = ((8192, 16384), (1024, 65536))  # the wide-row (chunked) paths
 
+
+def _report_launches(residual: bool):
+    """The registry's ``report_launches``: the kernel's example launches, plus the bytes its wide-row
+    path reads a second time (its second loop over a row's chunks: x (and the residual) forward, x
+    and dy backward), counted as HBM traffic (no L2 credit)."""
+
+    def launches(m: int, n: int, dtype: torch.dtype):
+        out = []
+        for pass_, plan in triton.kernels(_KERNELS).example_plans(m, n, dtype, residual=residual):
+            tensors = (2 if residual else 1) if pass_ == "fwd" else 2
+            reread = tensors * m * n * element_size(dtype) if plan.constexprs.get("NUM_CHUNKS", 1) > 1 else 0
+            out.append((pass_, plan, float(reread)))
+        return out
+
+    return launches
+
+
 register(
     OpSpec(
         name="rms_norm",
         functions=(rms_norm,),
         backends=("triton",),
         custom_ops=(_rms_norm,),
+        patchable=True,
         parity_dims=((33, 96), (1000, 4099)),
         dispatch_sizes=NORM_DISPATCH_SIZES,
         report_shapes=_WIDE,
+        report_launches=_report_launches(residual=False),
         cases=OpCases(
             gpu_shapes=rowwise_gpu_shapes,
             smoke_shapes=lambda: rowwise_smoke_shapes(48),
@@ -327,6 +346,7 @@ register(
         parity_dims=((33, 96), (1000, 4099)),
         dispatch_sizes=NORM_DISPATCH_SIZES,
         report_shapes=_WIDE,
+        report_launches=_report_launches(residual=True),
         cases=OpCases(
             gpu_shapes=rowwise_gpu_shapes,
             smoke_shapes=lambda: rowwise_smoke_shapes(48),

@@ -262,14 +262,23 @@ def _targets(mode, dims, vs, pct):
     pct("pct_of_copy_bandwidth", 85.0, "copy bandwidth")
 
 
+def _report_launches(m: int, n: int, dtype: torch.dtype):
+    """The registry's ``report_launches``: q and k of the benchmark case (M tokens, N / 128 heads of 128
+    each, as ``_work`` counts them) rotated in one launch, forward and backward."""
+    h, d = _heads(n)
+    return [(p, plan, 0.0) for p, plan in triton.kernels(_KERNELS).example_plans(m, h, h, d, dtype)]
+
+
 register(
     OpSpec(
         name="rotary",
         functions=(apply_rotary_emb, apply_rotary_emb_qk, apply_rotary_pos_emb),
         backends=("triton",),
         custom_ops=(_rotary,),
+        patchable=True,
         parity_dims=((17, 64), (1000, 768)),
         dispatch_sizes=NORM_DISPATCH_SIZES,
+        report_launches=_report_launches,
         cases=OpCases(
             gpu_shapes=rowwise_gpu_shapes,
             smoke_shapes=lambda: [(mode, (("M", 7), ("N", 32)), {}) for mode in ("fwd", "bwd")],

@@ -123,8 +123,10 @@ register(
         functions=(swiglu,),
         backends=("triton",),
         custom_ops=(_swiglu,),
+        patchable=True,
         parity_dims=((33, 96), (1000, 4099)),
         dispatch_sizes=MLP_DISPATCH_SIZES,
+        report_launches=lambda m, n, dtype: [(p, plan, 0.0) for p, plan in triton.kernels(_KERNELS).example_plans(m, n, dtype)],
         cases=OpCases(
             gpu_shapes=lambda tier: rowwise_gpu_shapes(tier, 4),
             smoke_shapes=lambda: rowwise_smoke_shapes(64),

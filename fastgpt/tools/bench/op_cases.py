@@ -310,6 +310,16 @@ def _impl(case: OpCase, impl: str, device: torch.device, backend_override: Optio
         causal = case.causal
         if "L" in case.d:  # decode over a KV cache: (B, S, H, D) already, the whole cache attended
             return (lambda q, k_cache, v_cache: fa.flash_attn_with_kvcache(q, k_cache, v_cache, causal=causal)), contextlib.nullcontext
+        if "Smax" in case.d:  # packed sequences: flash-attn's varlen function on the same cu_seqlens
+            from fastgpt.ops.varlen_attention import mix_tensors
+
+            b, smax = case.d["B"], case.d["Smax"]
+
+            def varlen(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                cu, _ = mix_tensors(b, smax, str(q.device))
+                return fa.flash_attn_varlen_func(q, k, v, cu, cu, smax, smax, causal=causal)
+
+            return varlen, contextlib.nullcontext
 
         def flash(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # flash-attn's layout is (B, S, H, D): transposed views, no copies (last dim contiguous)
@@ -508,12 +518,15 @@ def metrics(case: OpCase, ms: float, roofline: Optional[_timing.Roofline]) -> Di
 
 
 def measure(prepared: Prepared, roofline: Optional[_timing.Roofline] = None, **timer_kwargs) -> Dict[str, object]:
-    """Time a prepared case (CUDA events on a GPU, the host clock on a CPU) and return its record."""
+    """Time a prepared case (CUDA events on a GPU, the host clock on a CPU) and return its record; on a
+    GPU it also holds ``cuda_peak_mib``, the allocator's peak over one call (see timing.cuda_peak_mib)."""
     case = prepared.case
+    memory = {}
     with prepared.context():
         if prepared.device.type == "cuda":
             timing = _timing.time_cuda(prepared.fn, flush_l2=True, device=prepared.device, setup=prepared.setup, **timer_kwargs)
             ms = timing.median_ms
+            memory["cuda_peak_mib"] = _timing.cuda_peak_mib(prepared.fn, prepared.device, prepared.setup)
         else:
             timing = _timing.time_cpu(prepared.fn, setup=prepared.setup, **timer_kwargs)
             ms = timing.min_ms
@@ -529,5 +542,6 @@ def measure(prepared: Prepared, roofline: Optional[_timing.Roofline] = None, **t
         "ms": ms,
         "timing": timing.as_dict(),
         "check_rel_error": prepared.check_error,
+        **memory,
         **metrics(case, ms, roofline),
     }

@@ -25,11 +25,20 @@ ATTENTION_CASES: Tuple[Dict[str, Any], ...] = (
     dict(name="d256-full", b=1, hq=16, hk=16, sq=4096, sk=4096, d=256, causal=False, dtype="bfloat16", passes=("fwd", "bwd")),
     dict(name="decode-gqa-b8", b=8, hq=32, hk=8, sq=1, sk=8192, d=128, causal=True, dtype="bfloat16", passes=("fwd",), quick=True),
     dict(name="decode-gqa-b1", b=1, hq=32, hk=8, sq=1, sk=8192, d=128, causal=True, dtype="bfloat16", passes=("fwd",), quick=True),
+    # the opt-in non-deterministic backward (dQ by atomics in the dK/dV kernel: 5 matmuls per tile, not 7)
+    dict(name="gpt2-small-atomic", b=8, hq=12, hk=12, sq=1024, sk=1024, d=64, causal=True, dtype="bfloat16", passes=("bwd",),
+         deterministic=False),
+    dict(name="llama3-8b-gqa-atomic", b=1, hq=32, hk=8, sq=8192, sk=8192, d=128, causal=True, dtype="bfloat16", passes=("bwd",),
+         deterministic=False, quick=True),
     # the exact-fp32 path (CUDA-core FMA, small tiles): GPT-2 small, and the two buckets whose candidate
     # lists the test suite leaves to this report (it compiles every fp32 candidate of bucket 32 only)
     dict(name="gpt2-small-fp32", b=8, hq=12, hk=12, sq=1024, sk=1024, d=64, causal=True, dtype="float32", passes=("fwd", "bwd")),
     dict(name="d128-fp32", b=1, hq=16, hk=16, sq=2048, sk=2048, d=128, causal=True, dtype="float32", passes=("fwd", "bwd")),
     dict(name="d256-fp32", b=1, hq=16, hk=16, sq=2048, sk=2048, d=256, causal=True, dtype="float32", passes=("fwd", "bwd")),
+    # packed sequences (flash_attn_varlen_func; VARLEN kernels): b sequences of sq tokens each, so the
+    # grid, bytes and FLOPs are those of the dense case (a ragged batch only has fewer live tiles)
+    dict(name="varlen-gqa", b=8, hq=32, hk=8, sq=2048, sk=2048, d=128, causal=True, dtype="bfloat16", passes=("fwd", "bwd"),
+         varlen=True, quick=True),
     # flash-attn's options, each a constexpr variant of the kernels: a Mistral-style window of 4096 over
     # 16k (work ~ S x window, not S^2), Gemma-2's window and logit softcap at head dim 256, BLOOM's
     # ALiBi, Grok's softcap at 128; `--quick` (and the test suite) compiles all three options at once
@@ -83,7 +92,9 @@ TILING_MODEL = {
     "hbm bytes": "tiled bytes after a simple L2 model: data re-read by programs that are resident at the same time, "
                  "or whose working set in flight fits in half the L2, is fetched from HBM once",
     "exec flops": "tensor-core FLOPs the tiles execute (full BLOCK_M x BLOCK_N x padded-head-dim tiles, masked "
-                  "elements included); 0 for the memory-bound ops",
+                  "elements included); 0 for the memory-bound ops. The deterministic backward executes 7 matmuls "
+                  "per tile (dK/dV: 4, dQ: 3, S and dP recomputed); deterministic=False 5 (dQ added in the dK/dV "
+                  "kernel by atomics), the 5 that the useful FLOPs count",
     "min bytes / useful flops": "each op's work model (docs/design.md, 'Performance targets and the byte/FLOP model'): every input read and every "
                                 "output written once; attention FLOPs 4*B*H*Sq*Sk*D, halved when causal (with a sliding "
                                 "window 4*B*H*D per visible query-key pair), backward 2.5x",
@@ -130,6 +141,11 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
     if kernel == "bwd_preprocess":
         nbytes = b * hq * sq * (2 * dv * e + 4 + 8)  # read O, dO, lse; write delta, lse2
         return {"tiled_bytes": nbytes, "hbm_bytes": nbytes, "exec_flops": 0.0}
+    if kernel == "bwd_dq_convert":
+        # the float32 dQ sums read, dQ written; plus torch's memset of that buffer before the dK/dV launch
+        # (another memory-bound pass, so its bytes add to this launch's time)
+        nbytes = b * hq * sq * d * (4 + 4 + e)
+        return {"tiled_bytes": nbytes, "hbm_bytes": nbytes, "exec_flops": 0.0}
     if kernel in ("fwd", "bwd_dq"):
         n_m = -(-sq // bm)
         key_rows = key_tiles = 0
@@ -152,7 +168,7 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
         hit = _reused(group * n_m, sk * (d + dv) * e, resident, gpu)
         return {"tiled_bytes": heads * (own + kv_tiled), "hbm_bytes": heads * own + (kv_once if hit else heads * kv_tiled),
                 "exec_flops": float(heads * key_tiles * flops_per_tile)}
-    if kernel == "bwd_dkdv":
+    if kernel in ("bwd_dkdv", "bwd_dkdv_atomic"):
         n_n = -(-sk // bn)
         q_rows = q_tiles = 0
         for j in range(n_n):
@@ -166,8 +182,18 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
         q_tiled = group * q_rows * per_q_row
         q_once = b * hq * sq * per_q_row
         hit = _reused(n_n, group * sq * per_q_row, resident, gpu)
-        return {"tiled_bytes": b * hk * (own + q_tiled), "hbm_bytes": b * hk * own + (q_once if hit else b * hk * q_tiled),
-                "exec_flops": float(b * hk * group * q_tiles * 2 * bm * bn * (2 * bd + 2 * bdv))}
+        model = {"tiled_bytes": b * hk * (own + q_tiled), "hbm_bytes": b * hk * own + (q_once if hit else b * hk * q_tiled),
+                 "exec_flops": float(b * hk * group * q_tiles * 2 * bm * bn * (2 * bd + 2 * bdv))}
+        if kernel == "bwd_dkdv_atomic":
+            # + dS^T K per tile; each visited dQ row read-modify-written (float32) at L2 by the atomics, from
+            # HBM once (fetched, written back) when the key tiles sharing it keep it there. The group loop
+            # is each program's outer loop, so the programs in flight share one query head's rows at a time.
+            red = group * q_rows * d * 4 * 2
+            dq_hit = _reused(n_n, sq * d * 4, resident, gpu)
+            model["tiled_bytes"] += b * hk * red
+            model["hbm_bytes"] += b * hq * sq * d * 4 * 2 if dq_hit else b * hk * red
+            model["exec_flops"] += float(b * hk * group * q_tiles * 2 * bm * bn * bd)
+        return model
     raise ValueError(f"no byte model for attention kernel {kernel!r}")
 
 

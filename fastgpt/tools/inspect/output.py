@@ -64,7 +64,7 @@ def format_report(report: Dict[str, Any], *, launches: bool = True, candidates: 
 def _launch_table(by, keys, arch) -> List[str]:
     lines = [""]
     lines.append(f"launches (default config; pairs are {arch}, i.e. {'/'.join(keys)}):")
-    head = (f"{'op':<19}{'case':<16}{'kernel':<45}{'config / block':<20}{'grid':>14}{'regs':>9}{'STL+LDL':>8}{'smem KB':>10}"
+    head = (f"{'op':<19}{'case':<21}{'kernel':<45}{'config / block':<20}{'grid':>14}{'regs':>9}{'STL+LDL':>8}{'smem KB':>10}"
             f"{'occupancy':>11}  {'MMA / global loads (sm_90)':<28}{'MUFU':>6}")
     lines += [head, "-" * len(head)]
     for (case, op, pass_, kernel, config), per in by.items():
@@ -77,7 +77,7 @@ def _launch_table(by, keys, arch) -> List[str]:
         smem = "/".join(_kb(r["shared"]) if r else "-" for r in pair)
         occ = "/".join(f"{r['occupancy']:.0%}" if r else "-" for r in pair)
         grid = "/".join("x".join(str(g) for g in r["grid"] if g != 1) or "1" if r else "-" for r in pair)
-        lines.append(f"{op + ' ' + pass_:<19}{case:<16}{_short_kernel(kernel):<45}{config[:19]:<20}{grid:>14}{regs:>9}{spill:>8}{smem:>10}"
+        lines.append(f"{op + ' ' + pass_:<19}{case:<21}{_short_kernel(kernel):<45}{config[:19]:<20}{grid:>14}{regs:>9}{spill:>8}{smem:>10}"
                      f"{occ:>11}  {_mix(first):<28}{first['mufu']:>6}")
     return lines
 
@@ -85,14 +85,14 @@ def _launch_table(by, keys, arch) -> List[str]:
 def _roofline_table(report, keys) -> List[str]:
     lines = [""]
     lines.append("roofline model per op (static: minimum bytes and FLOPs vs what the tiling moves; not a timing):")
-    head = f"{'op':<19}{'case':<16}{'min MB':>9}{'HBM MB':>9}{'tiled MB':>10}{'GFLOP':>9}"
+    head = f"{'op':<19}{'case':<21}{'min MB':>9}{'HBM MB':>9}{'tiled MB':>10}{'GFLOP':>9}{'exec GFLOP':>11}"
     for k in keys:
         head += f"  {k + ' ideal/model us':>22}{'frac':>6}"
     lines += [head, "-" * len(head)]
     for c in report["cases"]:
         g0 = c["gpus"].get(keys[0], {})
-        line = (f"{c['op'] + ' ' + c['pass']:<19}{c['case']:<16}{c['min_bytes'] / 1e6:>9.1f}{g0.get('hbm_bytes', 0) / 1e6:>9.1f}"
-                f"{g0.get('tiled_bytes', 0) / 1e6:>10.1f}{c['useful_flops'] / 1e9:>9.1f}")
+        line = (f"{c['op'] + ' ' + c['pass']:<19}{c['case']:<21}{c['min_bytes'] / 1e6:>9.1f}{g0.get('hbm_bytes', 0) / 1e6:>9.1f}"
+                f"{g0.get('tiled_bytes', 0) / 1e6:>10.1f}{c['useful_flops'] / 1e9:>9.1f}{g0.get('exec_flops', 0) / 1e9:>11.1f}")
         for k in keys:
             g = c["gpus"].get(k)
             if g and g["fraction"] is not None:

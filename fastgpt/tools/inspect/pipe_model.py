@@ -71,20 +71,23 @@ class TileWork:
 
 
 def tile_work(kernel: str, block_m: int, block_n: int, block_d: int, block_dv: int) -> TileWork:
-    """One tile's work in ``kernel`` ("fwd" (also decode), "bwd_dkdv", "bwd_dq"); block_d / block_dv
-    are the padded head dims the kernel computes with (MMA FLOPs as fastgpt.kernel_report counts them)."""
+    """One tile's work in ``kernel`` ("fwd" (also decode), "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq");
+    block_d / block_dv are the padded head dims the kernel computes with (MMA FLOPs as
+    fastgpt.kernel_report counts them)."""
     scores = block_m * block_n
     if kernel in ("fwd", "fwd_decode"):
         # QK^T and PV; p = exp2(s - m) per score and alpha = exp2(m_old - m_new) per row; acc *= alpha
         return TileWork(2.0 * scores * (block_d + block_dv), scores + block_m,
                         scores * FWD_FP32_PER_SCORE + block_m * FWD_FP32_PER_ROW + block_m * block_dv)
-    if kernel == "bwd_dkdv":
-        # QK^T recomputed, dO V^T, P^T dO (dV), dS^T Q (dK); p recomputed with one exp2 per score
-        return TileWork(2.0 * scores * (2 * block_d + 2 * block_dv), scores, scores * DKDV_FP32_PER_SCORE)
+    if kernel in ("bwd_dkdv", "bwd_dkdv_atomic"):
+        # QK^T recomputed, dO V^T, P^T dO (dV), dS^T Q (dK); p recomputed with one exp2 per score;
+        # the atomic variant adds dS K (its share of dQ) from the same 16-bit dS
+        atomic = block_d if kernel == "bwd_dkdv_atomic" else 0
+        return TileWork(2.0 * scores * (2 * block_d + 2 * block_dv + atomic), scores, scores * DKDV_FP32_PER_SCORE)
     if kernel == "bwd_dq":
         # QK^T, dO V^T, dS K (dQ)
         return TileWork(2.0 * scores * (2 * block_d + block_dv), scores, scores * DQ_FP32_PER_SCORE)
-    raise ValueError(f"kernel must be fwd, fwd_decode, bwd_dkdv or bwd_dq; got {kernel!r}")
+    raise ValueError(f"kernel must be fwd, fwd_decode, bwd_dkdv, bwd_dkdv_atomic or bwd_dq; got {kernel!r}")
 
 
 def launch_bound(kernel: str, block_m: int, block_n: int, block_d: int, block_dv: int, tiles: float,
@@ -138,11 +141,11 @@ def epilogue_fp32(kernel: str, block_m: int, block_n: int, block_d: int, block_d
     dQ times the softmax scale) and its packing to 16 bits (1/2 per element)."""
     if kernel in ("fwd", "fwd_decode"):
         return 1.5 * block_m * block_dv
-    if kernel == "bwd_dkdv":
+    if kernel in ("bwd_dkdv", "bwd_dkdv_atomic"):
         return block_n * block_d + 0.5 * block_n * (block_d + block_dv)
     if kernel == "bwd_dq":
         return 1.5 * block_m * block_d
-    raise ValueError(f"kernel must be fwd, fwd_decode, bwd_dkdv or bwd_dq; got {kernel!r}")
+    raise ValueError(f"kernel must be fwd, fwd_decode, bwd_dkdv, bwd_dkdv_atomic or bwd_dq; got {kernel!r}")
 
 
 def check_sass(kernel: str, block_m: int, block_n: int, block_d: int, block_dv: int, num_warps: int,
@@ -180,7 +183,7 @@ def report() -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for d in (64, 128):
         for arch, p in PIPES.items():
-            for kernel in ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq"):
+            for kernel in ("fwd", "fwd_decode", "bwd_dkdv", "bwd_dq", "bwd_dkdv_atomic"):
                 c = fa.configs_for(kernel, d, torch.bfloat16, False, arch)[0]
                 b = launch_bound(kernel, c.block_m, c.block_n, d, d, 1, arch)
                 clk = p.sms * p.clock_hz
@@ -209,11 +212,11 @@ def report_lines(pipes: Mapping[str, Any]) -> List[str]:
         return []
     lines = ["", "pipes per default tile (static model, clocks per tile per SM; overlapped = max, serialised = sum; "
              "MUFU 16/clk, FP32 64|128/clk on sm_80|sm_90):"]
-    lines.append(f"  {'case':<6}{'arch':<7}{'kernel':<12}{'default config':<40}{'tensor':>8}{'mufu':>7}{'fp32':>7}"
+    lines.append(f"  {'case':<6}{'arch':<7}{'kernel':<16}{'default config':<40}{'tensor':>8}{'mufu':>7}{'fp32':>7}"
                  f"{'max':>7}{'sum':>7}{'max/mma':>9}{'sum/mma':>9}  bound")
     for case, by_arch in pipes.items():
         for arch, kernels in by_arch.items():
             for kernel, r in kernels.items():
-                lines.append(f"  {case:<6}{arch:<7}{kernel:<12}{r['config']:<40}{r['tensor']:>8}{r['mufu']:>7}{r['fp32']:>7}"
+                lines.append(f"  {case:<6}{arch:<7}{kernel:<16}{r['config']:<40}{r['tensor']:>8}{r['mufu']:>7}{r['fp32']:>7}"
                              f"{r['overlapped']:>7}{r['serialised']:>7}{r['overlapped_x']:>9}{r['serialised_x']:>9}  {r['bound']}")
     return lines

@@ -13,9 +13,10 @@ what that implies on an H100 and an A100:
   ``compiling.launch_specialization``). Compiles run in a pool of processes without
   TRITON_INTERPRET, and their readings are cached under ``$FASTGPT_CACHE_DIR/kernel_report``, keyed by
   the kernel's source hash, the specialisation, the config, the architecture and triton's version.
-* **Triton RMSNorm, SwiGLU, rotary** (kernels/rms_norm.py, swiglu.py, rotary.py): each kernel module's
-  ``example_plans`` (the launcher's own plan functions on meta tensors) compiled the same way, one
-  config per launch (these kernels are not tuned); see ``triton_ops``.
+* **Triton row-wise kernels** (RMSNorm, SwiGLU, rotary, cross-entropy: every op whose registry entry
+  has ``report_launches``): each kernel module's ``example_plans`` (the launcher's own plan functions
+  on meta tensors) compiled the same way, one config per launch (these kernels are not tuned); see
+  ``triton_ops``.
 * **CUDA layer norm / GELU** (csrc/): the kernels the C++ launchers pick (vector or scalar path, block
   and grid) come from running those launchers in a dry run of the CPU emulator of the test suite
   (fastgpt/tools/cuda_emu: the unmodified csrc/ compiled for the host; no kernel runs, the pointers are fake
@@ -96,7 +97,8 @@ def launch_problems(row: Dict[str, Any]) -> List[str]:
     the kernel, its config and the figure. Checks: one block fits; no spills (stack frame, local
     memory, STL/LDL instructions) in 16-bit attention and CUDA kernels (the exact-fp32 attention path
     may spill a little: it holds its operands in registers); tensor-core MMA in the attention dot
-    kernels on 16-bit inputs; 128-bit global loads and stores on the CUDA kernels' vector paths.
+    kernels on 16-bit inputs; 128-bit global loads and stores on the CUDA kernels' vector paths; no
+    atomics except in the kernels named ``*_atomic`` (the opt-in non-deterministic attention backward).
     Disassembly-based checks are skipped for rows whose SASS was not read."""
     where = f"{row['kernel']} [{row['config']}] on {row['gpu']} (sm_{row['arch']}) for {row['case']}"
     problems = []
@@ -109,6 +111,8 @@ def launch_problems(row: Dict[str, Any]) -> List[str]:
         problems.append(f"{where}: spills registers: {sass}{row['stack']} B stack per thread at {row['registers']} registers")
     if row["role"] == "mma" and row["dtype"] != "float32" and row["hmma"] is not None and row["hmma"] + row["hgmma"] == 0:
         problems.append(f"{where}: no tensor-core MMA (0 HMMA, 0 HGMMA) for {row['dtype']} inputs")
+    if row.get("atomics") and not row["kernel"].endswith("_atomic"):
+        problems.append(f"{where}: {row['atomics']} atomic instructions (ATOM/RED) in a kernel that must be deterministic")
     if row.get("vector_path") and row["ldg"] is not None:
         for kind in ("ldg", "stg"):
             widths = row[kind]
@@ -144,7 +148,7 @@ def _row(gpu: Gpu, source: str, case_name: str, op: str, pass_: str, kernel: str
         "registers": res["registers"], "stack": res["stack"], "local": res.get("local", 0),
         "shared": res["shared"], "smem_limit": gpu.smem_per_block, **occ,
         # from the disassembly (None where it was not read: the non-default tuning candidates)
-        "stl": res.get("stl"), "ldl": res.get("ldl"), "hmma": res.get("hmma"), "hgmma": res.get("hgmma"),
+        "stl": res.get("stl"), "ldl": res.get("ldl"), "hmma": res.get("hmma"), "hgmma": res.get("hgmma"), "atomics": res.get("atomics"),
         "ffma": res.get("ffma"), "mufu": res.get("mufu"), "mufu_by_function": res.get("mufu_by_function"),
         "ldg": {int(k): v for k, v in res["ldg"].items()} if "ldg" in res else None,
         "stg": {int(k): v for k, v in res["stg"].items()} if "stg" in res else None,
@@ -175,7 +179,7 @@ def _finish_case(case_out: Dict[str, Any], gpu: Gpu, rows: List[Dict[str, Any]],
 
 
 def _config_str(c: Dict[str, Any], kernel: str) -> str:
-    if kernel == "bwd_preprocess":
+    if kernel in ("bwd_preprocess", "bwd_dq_convert"):
         return f"M{c['block_m']} w{c['num_warps']}"
     if kernel == "decode_combine":
         return f"w{c['num_warps']}"
@@ -206,7 +210,7 @@ def _attention_part(quick: bool, jobs: Optional[int], use_cache: bool, progress:
                         continue
                     row = _row(gpu, "triton", case["name"], op, pass_, r["kernel"], config, r["default"], case["dtype"],
                                32 * r["config"]["num_warps"], r["grid"], r["resources"][arch],
-                               "memory" if r["kernel"] in ("bwd_preprocess", "decode_combine") else "mma", None)
+                               "memory" if r["kernel"] in ("bwd_preprocess", "bwd_dq_convert", "decode_combine") else "mma", None)
                     resident = gpu.sms * row["blocks_per_sm"]
                     row.update(_attention_model(r, by_name[r["case"]], resident, gpu))
                     gpu_rows.append(row)
@@ -364,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the modelled fraction of roofline to PATH (matplotlib)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: min(2, CPUs))")
     parser.add_argument("--no-cache", action="store_true", help="recompile instead of reusing $FASTGPT_CACHE_DIR/kernel_report")
-    parser.add_argument("--only", choices=("triton", "cuda"), help="only the Triton kernels (attention, RMSNorm, SwiGLU, rotary) or only the CUDA kernels")
+    parser.add_argument("--only", choices=("triton", "cuda"), help="only the Triton kernels (attention, RMSNorm, SwiGLU, rotary, cross-entropy) or only the CUDA kernels")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -1,7 +1,8 @@
-"""The Triton element-wise and row-wise kernels for ``fastgpt inspect`` (RMSNorm, SwiGLU, rotary): their
-launch plans as the launchers build them (each kernel module's ``example_plans`` on meta tensors),
-compiled for sm_80 / sm_90 in the compile workers, read like the attention kernels, and a byte model
-(the op's minimum bytes from its registry entry; one launch per pass, no tiling overhead to model)."""
+"""The Triton element-wise and row-wise kernels for ``fastgpt inspect`` (every op whose registry entry
+has ``report_launches``: RMSNorm, SwiGLU, rotary, cross-entropy): their launch plans as the launchers
+build them (on meta tensors), compiled for sm_80 / sm_90 in the compile workers, read like the
+attention kernels, and a byte model (the op's minimum bytes from its registry entry, plus what a
+multi-pass kernel reads twice; one launch per pass, no tiling overhead to model)."""
 
 from __future__ import annotations
 
@@ -11,52 +12,29 @@ from typing import Any, Dict, List, Sequence, Tuple
 from fastgpt import registry
 from fastgpt.tools.inspect.model import HIDDEN, QUICK_HIDDEN, ROWS
 
-ROTARY_HEAD_DIM, ROTARY_GQA = 128, 4  # Llama-3's head dim; k heads = q heads / 4
-
 
 def op_cases(quick: bool) -> List[Dict[str, Any]]:
-    """One case per op and shape: (ROWS, hidden) rows for the norms (plus their wide-row shapes),
-    the MLP width (width_factor x hidden) for SwiGLU, hidden / 128 heads of 128 for rotary."""
+    """One case per op and shape: (ROWS, width_factor x hidden) for the ops read at the model's hidden
+    sizes, plus each op's ``report_shapes`` (wide rows, vocabularies) outside ``quick``."""
     hidden = QUICK_HIDDEN if quick else HIDDEN
     cases = []
-    for op in ("rms_norm", "add_rms_norm", "swiglu", "rotary"):
-        if op not in registry.names():
+    for spec in registry.all_ops():
+        if spec.report_launches is None:
             continue
-        spec = registry.get(op)
         width = spec.cases.width_factor if spec.cases else 1
-        shapes = [(ROWS, width * h) for h in hidden] + ([] if quick else list(spec.report_shapes))
+        shapes = [(ROWS, width * h) for h in hidden] if spec.report_hidden else []
+        if not quick or not spec.report_hidden:
+            shapes += list(spec.report_shapes)
         for rows, cols in shapes:
-            cases.append({"name": f"{rows}x{cols}", "op": op, "rows": rows, "cols": cols, "dtype": "bfloat16"})
+            cases.append({"name": f"{rows}x{cols}", "op": spec.name, "rows": rows, "cols": cols, "dtype": "bfloat16"})
     return cases
 
 
-def _plans(case: Dict[str, Any]):
-    """[(pass, LaunchPlan)] of one case (in a compile worker: imports triton)."""
+def _launches(case: Dict[str, Any]):
+    """[(pass, LaunchPlan, reread_bytes)] of one case (in a compile worker: imports triton)."""
     import torch
 
-    dtype = getattr(torch, case["dtype"])
-    m, n = case["rows"], case["cols"]
-    if case["op"] in ("rms_norm", "add_rms_norm"):
-        from fastgpt.kernels import rms_norm
-
-        return rms_norm.example_plans(m, n, dtype, residual=case["op"] == "add_rms_norm")
-    if case["op"] == "swiglu":
-        from fastgpt.kernels import swiglu
-
-        return swiglu.example_plans(m, n, dtype)
-    from fastgpt.kernels import rotary
-
-    hq = max(1, n // ROTARY_HEAD_DIM)
-    return rotary.example_plans(m, hq, max(1, hq // ROTARY_GQA), ROTARY_HEAD_DIM, dtype)
-
-
-def _reread_bytes(case: Dict[str, Any], pass_: str, plan) -> float:
-    """Bytes the wide-row RMSNorm path reads a second time (its second loop over the row's chunks:
-    x (and the residual) forward, x and dy backward), counted as HBM traffic (no L2 credit)."""
-    if plan.constexprs.get("NUM_CHUNKS", 1) <= 1:
-        return 0.0
-    tensors = (2 if case["op"] == "add_rms_norm" else 1) if pass_ == "fwd" else 2
-    return float(tensors * case["rows"] * case["cols"] * 2)  # bfloat16
+    return registry.get(case["op"]).report_launches(case["rows"], case["cols"], getattr(torch, case["dtype"]))
 
 
 def compile_case(case: Dict[str, Any], arch: int, use_cache: bool = True) -> List[Dict[str, Any]]:
@@ -67,7 +45,7 @@ def compile_case(case: Dict[str, Any], arch: int, use_cache: bool = True) -> Lis
     from fastgpt.tools.inspect.compiling import compile_plan, kernel_resources
 
     out = []
-    for pass_, plan in _plans(case):
+    for pass_, plan, reread in _launches(case):
         config = plan.configs[0]
         key = _job_key(plan, config, arch) + "-sass"
         found = _cache_get("triton", key) if use_cache else None
@@ -79,7 +57,7 @@ def compile_case(case: Dict[str, Any], arch: int, use_cache: bool = True) -> Lis
                 _cache_put("triton", key, found)
         vector = not plan.constexprs.get("INTERLEAVED", False)  # 16-byte accesses along contiguous rows
         out.append({"pass": pass_, "kernel": f"{case['op']}_{plan.name}", "config": asdict(config), "grid": list(plan.grid(config)),
-                    "resources": found, "vector_path": vector, "extra_bytes": _reread_bytes(case, pass_, plan)})
+                    "resources": found, "vector_path": vector, "extra_bytes": reread})
     return out
 
 
@@ -93,10 +71,11 @@ def op_part(quick: bool, workers, use_cache: bool, gpus: Sequence[Any], make_row
     out_cases, rows, errors = [], [], []
     for case in cases:
         spec = registry.get(case["op"])
-        d = {"M": case["rows"], "N": case["cols"]}
+        d = dict(zip(spec.dims, (case["rows"], case["cols"])))
         import torch
 
-        for pass_ in ("fwd", "bwd"):
+        launched = {r["pass"] for arch in archs for r in results[(case["name"], case["op"], arch)].get("ok", ())}
+        for pass_ in [p for p in ("fwd", "bwd") if p in launched or not launched]:
             _, min_bytes = spec.cases.work(d, getattr(torch, case["dtype"]), pass_)
             case_out = {"op": case["op"], "pass": pass_, "case": case["name"], "source": "triton", "dtype": case["dtype"],
                         "shape": {"rows": case["rows"], "cols": case["cols"]}, "min_bytes": min_bytes, "useful_flops": 0.0,
