@@ -4,8 +4,10 @@ Functional ops (drop-ins for the torch / flash-attn functions of the same role):
 
     fastgpt.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
                                          scale=None, enable_gqa=False)      # (B, H, S, D)
-    fastgpt.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False)  # (B, S, H, D)
-    fastgpt.attention(q, k, v, causal=False, scale=None, return_lse=False)  # (B, H, S, D)
+    fastgpt.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, alibi_slopes=None)  # (B, S, H, D)
+    fastgpt.attention(q, k, v, causal=False, scale=None, return_lse=False, window_size=(-1, -1),
+                      softcap=0.0, alibi_slopes=None)  # (B, H, S, D)
     fastgpt.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5)
     fastgpt.add_layer_norm(x, residual, weight, bias, eps=1e-5)  # (layer_norm(x + residual), x + residual)
     fastgpt.gelu(x, approximate="none")

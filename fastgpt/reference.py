@@ -9,7 +9,8 @@ Conventions shared with the kernels (so they can be compared output for output):
 * attention works on logical (B, H, S, D) tensors; k and v may have fewer heads than q (GQA: query
   head ``h`` uses kv head ``h // (Hq // Hk)``); the causal mask is aligned to the bottom right, so
   query ``i`` sees key ``j`` iff ``j <= i + Sk - Sq``. Query rows that see no key (``Sq > Sk``)
-  output zeros and have log-sum-exp ``-inf``; their gradients are zero.
+  output zeros and have log-sum-exp ``-inf``; their gradients are zero. Sliding windows, softcap
+  and ALiBi follow flash-attn (see :func:`attention_mask` and :func:`attention_forward`).
 * the log-sum-exp is natural-log, of the *scaled* scores, in float32 (float64 for float64 inputs).
 * layer norm saves mean and rstd (1 / sqrt(var + eps)) per row in float32 (float64 for float64).
 * weight/bias of the norms may be float32 when x is float16/bfloat16 (the mixed-precision layout that
@@ -26,6 +27,7 @@ __all__ = [
     "compute_dtype",
     "stats_dtype",
     "causal_mask",
+    "attention_mask",
     "attention_forward",
     "attention_backward",
     "varlen_attention_forward",
@@ -77,6 +79,30 @@ def causal_mask(sq: int, sk: int, device: torch.device | str = "cpu") -> Tensor:
     return j <= i + (sk - sq)
 
 
+def _relative_positions(sq: int, sk: int, device) -> Tensor:
+    """(sq, sk) int64: i + Sk - Sq - j, the distance of key j behind query i (bottom-right aligned)."""
+    return (torch.arange(sq, device=device)[:, None] + (sk - sq)) - torch.arange(sk, device=device)[None, :]
+
+
+def attention_mask(sq: int, sk: int, is_causal: bool, window: Tuple[int, int] = (-1, -1),
+                   device: torch.device | str = "cpu") -> Optional[Tensor]:
+    """Boolean (sq, sk) mask, True where query i may attend to key j, or None when every query sees
+    every key: j <= i + Sk - Sq when causal, and i + Sk - Sq - left <= j <= i + Sk - Sq + right for a
+    sliding ``window`` = (left, right) (flash-attn's ``window_size``; -1 leaves a side unbounded)."""
+    left, right = window
+    if not is_causal and left < 0 and right < 0:
+        return None
+    rel = _relative_positions(sq, sk, device)
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if is_causal:
+        mask &= rel >= 0
+    if left >= 0:
+        mask &= rel <= left
+    if right >= 0:
+        mask &= rel >= -right
+    return mask
+
+
 def _expand_kv(t: Tensor, hq: int) -> Tensor:
     """Repeat kv heads so head h of the result is kv head h // (hq // hk) (a view when possible)."""
     b, hk, s, d = t.shape
@@ -93,12 +119,27 @@ def _sum_groups(t: Tensor, hk: int) -> Tensor:
     return t.reshape(b, hk, hq // hk, s, d).sum(dim=2)
 
 
-def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float) -> Tuple[Tensor, Optional[Tensor]]:
-    """Scaled scores (B, Hq, Sq, Sk) in compute dtype, and the causal mask (or None)."""
+def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float, window: Tuple[int, int] = (-1, -1),
+            softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Scores (B, Hq, Sq, Sk) in compute dtype, the mask (or None), and d(score)/d(scaled score) where
+    a softcap makes it other than 1 (else None). flash-attn's order: scale, softcap, ALiBi bias."""
     cd = compute_dtype(q.dtype)
+    sq, sk = q.shape[2], k.shape[2]
     s = torch.matmul(q.to(cd), _expand_kv(k.to(cd), q.shape[1]).transpose(-2, -1)) * scale
-    mask = causal_mask(q.shape[2], k.shape[2], q.device) if is_causal else None
-    return s, mask
+    dcap = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s, dcap = softcap * t, 1.0 - t * t
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(cd)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * _relative_positions(sq, sk, q.device).abs().to(cd)
+    return s, attention_mask(sq, sk, is_causal, window, q.device), dcap
+
+
+def _plain(window: Tuple[int, int], softcap: float, alibi_slopes: Optional[Tensor]) -> bool:
+    """No sliding window, softcap or ALiBi: torch's fused CPU attention computes the call."""
+    return window[0] < 0 and window[1] < 0 and softcap == 0 and alibi_slopes is None
 
 
 # torch's own fused CPU attention returns the log-sum-exp we need; it aligns causal masks to the top
@@ -135,22 +176,28 @@ def _cpu_flash_causal(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: f
     return flash_causal if fused_attention_ok(q, k, v, flash_causal, scale) else None
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, *,
+                      window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                      alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Softmax attention. q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides.
 
+    Options as flash-attn defines them: a sliding ``window`` (see :func:`attention_mask`), ``softcap``
+    c > 0 (the scaled score s becomes c * tanh(s / c)), ``alibi_slopes`` (Hq,) or (B, Hq): the bias
+    -slope * |i + Sk - Sq - j| added after the softcap. (flash-attn's CUDA kernel drops the bias's
+    per-row constant under causal masks: the same output, a different log-sum-exp; this is the documented one.)
     Returns ``out`` (B, Hq, Sq, Dv) in q's dtype and ``lse`` (B, Hq, Sq) in :func:`stats_dtype`.
     Non-finite input: a NaN in query row i makes out row i and lse i NaN; a NaN in value row j reaches
     only the rows that see key j (masked entries contribute nothing, not 0 * nan); rows that see no
     key give 0 and lse -inf whatever the input.
     """
-    flash_causal = _cpu_flash_causal(q, k, v, is_causal, scale)
+    flash_causal = _cpu_flash_causal(q, k, v, is_causal, scale) if _plain(window, softcap, alibi_slopes) else None
     if flash_causal is not None:
         hq = q.shape[1]
         out, lse = _CPU_FLASH(q, _expand_kv(k, hq), _expand_kv(v, hq), 0.0, flash_causal, scale=scale)
         return out, lse.to(stats_dtype(q.dtype))
     cd = compute_dtype(q.dtype)
     zero = torch.zeros((), dtype=cd, device=q.device)
-    s, mask = _scores(q, k, is_causal, scale)
+    s, mask, _ = _scores(q, k, is_causal, scale, window, softcap, alibi_slopes)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
         row_has_key = mask.any(dim=-1)  # (Sq,)
@@ -186,8 +233,13 @@ def attention_backward(
     dlse: Optional[Tensor],
     is_causal: bool,
     scale: float,
+    *,
+    window: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`attention_forward`, recomputing P from the saved log-sum-exp.
+    """Gradients of :func:`attention_forward` (same options; the slopes get none), recomputing P from
+    the saved log-sum-exp. A softcap multiplies dS by 1 - tanh^2.
 
     The FlashAttention-2 formulation: with ``delta = rowsum(dout * out) - dlse``,
     ``dS = P * (dout @ V^T - delta)``, ``dQ = scale * dS @ K``, ``dK = scale * dS^T @ Q``,
@@ -198,7 +250,7 @@ def attention_backward(
     Returns dq, dk, dv in the dtypes of q, k, v.
     """
     hq, hk = q.shape[1], k.shape[1]
-    flash_causal = _cpu_flash_causal(q, k, v, is_causal, scale)
+    flash_causal = _cpu_flash_causal(q, k, v, is_causal, scale) if _plain(window, softcap, alibi_slopes) else None
     if flash_causal is not None and dlse is None and _CPU_FLASH_BWD is not None:
         dq, dk, dv = _CPU_FLASH_BWD(
             dout.contiguous(), q, _expand_kv(k, hq), _expand_kv(v, hq), out, lse, 0.0, flash_causal, scale=scale
@@ -206,7 +258,7 @@ def attention_backward(
         return dq, _sum_groups(dk, hk).to(k.dtype), _sum_groups(dv, hk).to(v.dtype)
     cd = compute_dtype(q.dtype)
     zero = torch.zeros((), dtype=cd, device=q.device)
-    s, mask = _scores(q, k, is_causal, scale)
+    s, mask, dcap = _scores(q, k, is_causal, scale, window, softcap, alibi_slopes)
     lse_c = lse.to(cd)
     has_key = lse_c != float("-inf")
     p = torch.exp(s - torch.where(has_key, lse_c, zero)[..., None])
@@ -219,7 +271,8 @@ def attention_backward(
     if dlse is not None:
         delta = delta - dlse.to(cd)
     dp = torch.matmul(do_c, v_e.transpose(-2, -1))
-    ds = torch.where(keep, p * (dp - delta[..., None]), zero)
+    ds = p * (dp - delta[..., None])
+    ds = torch.where(keep, ds if dcap is None else ds * dcap, zero)
     dq = torch.matmul(ds, _expand_kv(k.to(cd), hq)) * scale
     q_c = q.to(cd)
     # a NaN query reaches the keys it sees through its dS; a masked dS = 0 must not meet it (0 * nan)
@@ -239,20 +292,28 @@ def _as_bhsd(t: Tensor, start: int, end: int) -> Tensor:
     return t[start:end].transpose(0, 1).unsqueeze(0)
 
 
+def _seq_options(opts: dict, b: int) -> dict:
+    """Sequence b's options: its row of (B, Hq) ALiBi slopes, as a (1, Hq) batch."""
+    slopes = opts.get("alibi_slopes")
+    return {**opts, "alibi_slopes": slopes[b : b + 1]} if slopes is not None and slopes.dim() == 2 else opts
+
+
 def varlen_attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                             is_causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+                             is_causal: bool, scale: float, **options) -> Tuple[Tensor, Tensor]:
     """Attention over packed sequences: :func:`attention_forward` on each sequence in turn.
 
     q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides; sequence b is tokens
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v (int32,
-    (B+1,)); the causal mask is bottom-right aligned within each sequence. Returns out (Tq, Hq, Dv)
+    (B+1,)); the causal mask is bottom-right aligned within each sequence, as are the ``options`` of
+    :func:`attention_forward` (window, softcap, alibi_slopes (Hq,) or (B, Hq)). Returns out (Tq, Hq, Dv)
     in q's dtype and lse (Hq, Tq) in :func:`stats_dtype`; a sequence with no key gives 0 and -inf.
     """
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=stats_dtype(q.dtype), device=q.device)
-    for q0, q1, k0, k1 in _spans(cu_seqlens_q, cu_seqlens_k):
+    for b, (q0, q1, k0, k1) in enumerate(_spans(cu_seqlens_q, cu_seqlens_k)):
         if q1 > q0 and k1 > k0:
-            o, l = attention_forward(_as_bhsd(q, q0, q1), _as_bhsd(k, k0, k1), _as_bhsd(v, k0, k1), is_causal, scale)
+            o, l = attention_forward(_as_bhsd(q, q0, q1), _as_bhsd(k, k0, k1), _as_bhsd(v, k0, k1), is_causal, scale,
+                                     **_seq_options(options, b))
             out[q0:q1] = o[0].transpose(0, 1)
             lse[:, q0:q1] = l[0]
     return out, lse
@@ -260,16 +321,17 @@ def varlen_attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
 
 def varlen_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                               dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, is_causal: bool,
-                              scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                              scale: float, **options) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`varlen_attention_forward` (``dlse``: None or (Hq, Tq)), sequence by sequence
     through :func:`attention_backward`. Returns dq, dk, dv packed like q, k, v (contiguous)."""
     dq, dk, dv = torch.zeros_like(q, memory_format=torch.contiguous_format), torch.zeros_like(
         k, memory_format=torch.contiguous_format), torch.zeros_like(v, memory_format=torch.contiguous_format)
-    for q0, q1, k0, k1 in _spans(cu_seqlens_q, cu_seqlens_k):
+    for b, (q0, q1, k0, k1) in enumerate(_spans(cu_seqlens_q, cu_seqlens_k)):
         if q1 > q0 and k1 > k0:
             dl = None if dlse is None else dlse[:, q0:q1].unsqueeze(0)
             grads = attention_backward(_as_bhsd(dout, q0, q1), _as_bhsd(q, q0, q1), _as_bhsd(k, k0, k1), _as_bhsd(v, k0, k1),
-                                       _as_bhsd(out, q0, q1), lse[:, q0:q1].unsqueeze(0), dl, is_causal, scale)
+                                       _as_bhsd(out, q0, q1), lse[:, q0:q1].unsqueeze(0), dl, is_causal, scale,
+                                       **_seq_options(options, b))
             for dst, src, a, b in zip((dq, dk, dv), grads, (q0, k0, k0), (q1, k1, k1)):
                 dst[a:b] = src[0].transpose(0, 1)
     return dq, dk, dv

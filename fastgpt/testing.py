@@ -162,22 +162,40 @@ def check_against_torch(
     return results
 
 
-def attention_oracle(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+def attention_oracle(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, *, window=(-1, -1),
+                     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """Plain-torch attention in the inputs' own dtype, written independently of fastgpt.reference.
 
     einsum + softmax with an explicit bottom-right causal mask; GQA by repeat_interleave; rows that
-    see no key are zero (with zero gradients). Differentiable by autograd: run in float64 it is the
-    oracle, run in float16/bfloat16/float32 it is the "what plain torch gets wrong" baseline.
+    see no key are zero (with zero gradients). flash-attn's options, spelled out from its docstring:
+    ``window`` (left, right): key j visible to query i iff i + Sk - Sq - left <= j <= i + Sk - Sq + right
+    (-1: that side unbounded); ``softcap`` c > 0: scores c * tanh(score / c); ``alibi_slopes`` (Hq,) or
+    (B, Hq): -slope * |i + Sk - Sq - j| added after the softcap (the slopes are cast to the scores'
+    dtype). Differentiable by autograd: run in float64 it is the oracle, run in
+    float16/bfloat16/float32 it is the "what plain torch gets wrong" baseline.
     """
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
-    if not causal:
-        return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, dim=-1), v)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     sq, sk = q.shape[2], k.shape[2]
     i = torch.arange(sq, device=q.device)[:, None]
     j = torch.arange(sk, device=q.device)[None, :]
-    mask = j <= i + (sk - sq)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(device=s.device, dtype=s.dtype)
+        slopes = slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes.view(*slopes.shape, 1, 1)
+        s = s - slopes * (i + (sk - sq) - j).abs().to(s.dtype)
+    left, right = window
+    if not causal and left < 0 and right < 0:
+        return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, dim=-1), v)
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if causal:
+        mask = mask & (j <= i + (sk - sq))
+    if left >= 0:
+        mask = mask & (j >= i + (sk - sq) - left)
+    if right >= 0:
+        mask = mask & (j <= i + (sk - sq) + right)
     has_key = mask.any(-1)[:, None]
     s = torch.where(mask, s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
     s = torch.where(has_key, s, torch.zeros((), dtype=s.dtype, device=s.device))

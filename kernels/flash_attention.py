@@ -3,8 +3,9 @@
 The ``triton`` backend of :mod:`fastgpt.ops.attention`, through three functions::
 
     unsupported_reason(q, k, v) -> str | None
-    forward(q, k, v, out, lse, is_causal, scale) -> None
-    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=True) -> None
+    forward(q, k, v, out, lse, is_causal, scale, *, window, softcap, alibi_slopes) -> None
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=True, *, window, softcap,
+             alibi_slopes) -> None
 
 and of :mod:`fastgpt.ops.varlen_attention` (packed sequences, flash-attn's varlen layout) through
 ``varlen_unsupported_reason``, ``varlen_forward`` and ``varlen_backward``: the same kernels with the
@@ -21,13 +22,18 @@ reads kv head h // (Hq // Hk). float16 / bfloat16 / float32 inputs, float32 accu
 dots are exact ("ieee"), not TF32, so float32 results stay within the parity rule against torch.
 
 Semantics (those of :func:`fastgpt.reference.attention_forward`): query i sees key j iff
-j <= i + Sk - Sq when causal; rows that see no key give out = 0, lse = -inf, zero gradients.
+j <= i + Sk - Sq when causal, and i + Sk - Sq - left <= j <= i + Sk - Sq + right with a sliding
+window (flash-attn's ``window_size``; -1 unbounded; causal means right = 0); rows that see no key
+give out = 0, lse = -inf, zero gradients. Optional, as in flash-attn: ``softcap`` c > 0 replaces the
+scaled score s by c * tanh(s / c), then ALiBi adds -slope * |i + Sk - Sq - j|. Each of the three is
+a constexpr (WINDOW, SOFTCAP, ALIBI): with all off the kernels compile to the dense code.
 
 Kernels (FlashAttention-2, Dao 2023):
 
 * ``_attn_fwd_kernel``: one program per (Q tile, batch, head); online softmax over K/V tiles in the
-  exp2 domain (log2(e) folded into the scale); key tiles wholly above the causal diagonal are never
-  visited, tiles wholly visible run without masks, only the diagonal / ragged-end tiles mask.
+  exp2 domain (log2(e) folded into the scale); key tiles wholly above the causal diagonal (or outside
+  every row's window) are never visited, tiles wholly visible run without masks, only the diagonal /
+  window-edge / ragged-end tiles mask. A window of w keys costs ~Sq x (w + tiles), not Sq x Sk.
 * ``_attn_bwd_preprocess_kernel``: delta = rowsum(dO * O) - dlse and the log2-domain lse.
 * ``_attn_bwd_dkdv_kernel``: one program per (K tile, batch, kv head); loops over the query heads of
   its GQA group and their Q tiles, so the group's gradients are summed in registers (no atomics).
@@ -242,6 +248,111 @@ def _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL: tl.constexpr, VARLEN: tl.con
     return bh, b, bk, h, h // GROUP, m0, Sq, Sk, causal_offset, full, hi
 
 
+# --------------------------------------------------------------------------------------------
+# sliding window, softcap, ALiBi: each one a constexpr, so with all off nothing here is compiled
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    """float32 tanh with one special-function op (exp2), as flash-attn's tanh.approx (libdevice's tanhf
+    takes two, exp2 and a reciprocal, and does not run in the interpreter). |x| >= 0.625: (1 - e) / (1 + e),
+    e = exp(-2|x|), the reciprocal of 1 + e (in [1, 1.2865]) from a minimax line and two Newton steps on
+    the FMA pipe; below: x + x^3 P(x^2), P fitted to tanh on [0, 0.625]. About 2 ulp in float32."""
+    ax = tl.abs(x)
+    e = tl.math.exp2(ax * -2.8853900817779268)
+    z = 1.0 + e
+    r = 1.763237 - 0.7711495 * z
+    r = r + r * (1.0 - z * r)
+    r = r + r * (1.0 - z * r)
+    big = (1.0 - e) * r
+    z = x * x
+    p = (((-0.0057875774800777435 * z + 0.020711632445454597) * z - 0.05376141145825386) * z
+         + 0.13331693410873413) * z - 0.333332896232605
+    return tl.where(ax >= 0.625, tl.where(x < 0.0, -big, big), x + x * z * p)
+
+
+@triton.jit
+def _score_mods(s, i, j, causal_offset, softcap2, slope2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Softcap, then ALiBi, on log2-domain scaled scores s of queries i and keys j (broadcast index
+    tiles), in flash-attn's order: softcap2 * tanh(s / softcap2), then - slope2 * |i + Sk - Sq - j|
+    (softcap2, slope2 carry the log2(e) factor). Returns (s, t = the tanh), t for the backward's 1 - t^2."""
+    t = s
+    if SOFTCAP:
+        t = _tanh(s * (1.0 / softcap2))
+        s = softcap2 * t
+    if ALIBI:
+        # distances in float32 (exact below 2**24): converts the index vectors, not the tile
+        s = s - slope2 * tl.abs((i + causal_offset).to(tl.float32) - j.to(tl.float32))
+    return s, t
+
+
+@triton.jit
+def _alibi_slope(Alibi, b, h, sab, sah, ALIBI: tl.constexpr):
+    """Head h's ALiBi slope (of batch b: the slopes are (Hq,) with sab = 0, or (B, Hq)) times log2(e)."""
+    if ALIBI:
+        return tl.load(Alibi + b * sab + h * sah).to(tl.float32) * 1.4426950408889634
+    else:
+        return 0.0
+
+
+@triton.jit
+def _in_window(i, j, causal_offset, win_left, win_right, IS_CAUSAL: tl.constexpr):
+    """Key j inside query i's window [i + Sk - Sq - left, i + Sk - Sq + right] (flash-attn's); the right
+    bound is the causal mask's when causal. An unbounded side comes as a length that never binds."""
+    keep = j >= i + causal_offset - win_left
+    if not IS_CAUSAL:
+        keep = keep & (j <= i + causal_offset + win_right)
+    return keep
+
+
+@triton.jit
+def _gap_end(hi, gap_lo, gap_hi, SKIP: tl.constexpr):
+    """One masked loop serves both window edges, [lo, gap_lo) and [gap_hi, hi): it runs gap_hi - gap_lo
+    keys short and jumps the unmasked middle (a second masked loop would cost registers: it spilled the
+    d=128 forward on sm_80)."""
+    if SKIP:
+        return hi - (gap_hi - gap_lo)
+    else:
+        return hi
+
+
+@triton.jit
+def _gap_skip(it, gap_lo, gap_hi, SKIP: tl.constexpr):
+    if SKIP:
+        return tl.where(it < gap_lo, it, it + (gap_hi - gap_lo))
+    else:
+        return it
+
+
+@triton.jit
+def _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles of query tile [m0, m0 + BLOCK_M) under the window (win_right = 0 when causal): (lo,
+    full_lo, full, hi); [full_lo, full) lie in every row's window, [lo, full_lo) and [full, hi) mask, and
+    tiles outside [lo, hi) are in no row's window and never visited: work ~ Sq x window, not Sq x Sk."""
+    hi = tl.maximum(tl.minimum(Sk, m0 + BLOCK_M + causal_offset + win_right), 0)
+    lo = tl.minimum(tl.maximum(m0 + causal_offset - win_left, 0) // BLOCK_N * BLOCK_N, hi)
+    full_lo = (tl.maximum(m0 + BLOCK_M - 1 + causal_offset - win_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full = tl.minimum(tl.maximum(m0 + causal_offset + win_right + 1, 0) // BLOCK_N * BLOCK_N, Sk // BLOCK_N * BLOCK_N)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full = tl.minimum(tl.maximum(full, full_lo), hi)
+    return lo, full_lo, full, hi
+
+
+@triton.jit
+def _window_query_range(n0, Sq, causal_offset, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles that see key tile [n0, n0 + BLOCK_N) under the window (key j is seen by queries
+    [j - Sk + Sq - right, j - Sk + Sq + left]): (m_lo, m_full, m_end, m_hi); [m_full, m_end) see the
+    whole tile, [m_lo, m_full) and [m_end, m_hi) mask, the others see none of it."""
+    m_hi = tl.minimum(tl.maximum(n0 + BLOCK_N - causal_offset + win_left, 0), Sq)
+    m_lo = tl.minimum(tl.maximum(n0 - causal_offset - win_right, 0) // BLOCK_M * BLOCK_M, m_hi)
+    m_full = (tl.maximum(n0 + BLOCK_N - 1 - causal_offset - win_right, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    m_end = tl.maximum(n0 - causal_offset + win_left + 1, 0) // BLOCK_M * BLOCK_M
+    m_full = tl.minimum(tl.maximum(m_full, m_lo), m_hi)
+    m_end = tl.minimum(tl.maximum(m_end, m_full), m_hi)
+    return m_lo, m_full, m_end, m_hi
+
+
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
@@ -250,14 +361,21 @@ def _fwd_inner(
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    gap_lo, gap_hi, win_left, win_right, softcap2, slope2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    """Online softmax over key tiles [lo, hi). MASKED tiles apply the key bound and causal mask."""
-    for start_n in range(lo, hi, BLOCK_N):
+    """Online softmax over key tiles [lo, hi) (masked windowed ones: less [gap_lo, gap_hi)). MASKED tiles
+    apply the key bound, window and causal mask."""
+    for it in range(lo, _gap_end(hi, gap_lo, gap_hi, WINDOW and MASKED), BLOCK_N):
+        start_n = _gap_skip(it, gap_lo, gap_hi, WINDOW and MASKED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s, _ = _score_mods(s, offs_m[:, None], offs_n[None, :], causal_offset, softcap2, slope2, SOFTCAP, ALIBI)
         if MASKED:
             keep = offs_n[None, :] < Sk
+            if WINDOW:
+                keep = keep & _in_window(offs_m[:, None], offs_n[None, :], causal_offset, win_left, win_right, IS_CAUSAL)
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             s = tl.where(keep, s, float("-inf"))
@@ -290,6 +408,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Alibi, sab, sah, win_left, win_right, softcap2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     bh, b, bk, h, hk, m0, Sq, Sk, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL, VARLEN,
                                                                     BLOCK_M, BLOCK_N)
@@ -299,6 +419,11 @@ def _attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    slope2 = _alibi_slope(Alibi, bh // Hq, h, sab, sah, ALIBI)
+    lo = full  # masked tiles: [full, hi); with a window [lo, full_lo) and [full, hi), unmasked [full_lo, full)
+    full_lo = 0
+    if WINDOW:
+        lo, full_lo, full, hi = _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
 
     k_base = _head_ptr(K, bk, skb, hk, skh, ALIGN)
     v_base = _head_ptr(V, bk, svb, hk, svh, ALIGN)
@@ -309,11 +434,13 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
-                               offs_m, offs_d, offs_dv, 0, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
-                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+                               offs_m, offs_d, offs_dv, full_lo, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                               full_lo, full, win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd,
-                               offs_m, offs_d, offs_dv, full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
-                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+                               offs_m, offs_d, offs_dv, lo, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                               full_lo, full, win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
 
     # rows that saw no key: l = 0, out = 0, lse = -inf
     empty = l_i == 0.0
@@ -391,23 +518,35 @@ def _dkdv_inner(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     dq_base, ATOMIC_DQ: tl.constexpr,
+    gap_lo, gap_hi, win_left, win_right, softcap2, slope2,
+    IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form.
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi) (masked windowed ones: less [gap_lo,
+    gap_hi)), in transposed (key-major) form.
     ATOMIC_DQ: also add each query tile's share of dQ (unscaled) into the float32 rows at dq_base."""
-    for start_m in range(lo, hi, BLOCK_M):
+    for it in range(lo, _gap_end(hi, gap_lo, gap_hi, WINDOW and MASKED), BLOCK_M):
+        start_m = _gap_skip(it, gap_lo, gap_hi, WINDOW and MASKED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM, True, HEAD_DIM != BLOCK_D, ALIGN)
         # rows past Sq read lse2 = +inf, so their P is exactly 0
         lse2 = tl.load(lse2_base + offs_m, mask=offs_m < Sq, other=float("inf"))
         s_t = _dot(k, tl.trans(q), None, DOT_PRECISION)
-        p_t = tl.math.exp2(_at_most_zero(s_t * qk_scale - lse2[None, :]))
+        s_t, t_t = _score_mods(s_t * qk_scale, offs_m[None, :], offs_n[:, None], causal_offset, softcap2, slope2,
+                               SOFTCAP, ALIBI)
+        p_t = tl.math.exp2(_at_most_zero(s_t - lse2[None, :]))
         if MASKED:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+            if IS_CAUSAL:
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+            if WINDOW:
+                p_t = tl.where(_in_window(offs_m[None, :], offs_n[:, None], causal_offset, win_left, win_right,
+                                          IS_CAUSAL), p_t, 0.0)
         do = _load_tile(do_base, offs_m, sdos, offs_dv, sdod, Sq, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV, ALIGN)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < Sq, other=0.0)
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)  # through the cap: d(c tanh(s / c)) / ds (dK's and the atomic dQ's)
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION)
         if ATOMIC_DQ:
             # FlashAttention-2's dQ: dS^T K from this key tile, summed over key tiles (programs) by float32
@@ -433,6 +572,8 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DQacc, ATOMIC_DQ: tl.constexpr,  # float32 (B, Hq, Sq, HEAD_DIM) contiguous, zeroed; unused unless ATOMIC_DQ
+    Alibi, sab, sah, win_left, win_right, softcap2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_n_tiles = tl.cdiv(Sk, BLOCK_N)
@@ -464,6 +605,11 @@ def _attn_bwd_dkdv_kernel(
         m_full = tl.minimum(tl.maximum(m_full, m_lo), Sq)
     else:
         m_full = 0
+    # the window: [m_lo, m_full) and [m_end, m_hi) mask, [m_full, m_end) see the whole key tile
+    m_end = Sq
+    m_hi = m_full
+    if WINDOW:
+        m_lo, m_full, m_end, m_hi = _window_query_range(n0, Sq, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
 
     # the query heads of this kv head's GQA group, summed here in registers: no atomics
     for g in range(GROUP):
@@ -471,15 +617,18 @@ def _attn_bwd_dkdv_kernel(
         q_base = _head_ptr(Q, b, sqb, h, sqh, ALIGN)
         do_base = _head_ptr(DOut, b, sdob, h, sdoh, ALIGN)
         row_base = _scratch_row(b * Hk * GROUP + h, h, b, Sq, TQ, VARLEN)
-        if IS_CAUSAL:
+        slope2 = _alibi_slope(Alibi, bhk // Hk, h, sab, sah, ALIBI)
+        if IS_CAUSAL or WINDOW:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
-                                 sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_full, Sq, causal_offset,
+                                 sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_lo, m_hi, Sq, causal_offset,
                                  qk_scale, True, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
-                                 DQacc + row_base * HEAD_DIM, ATOMIC_DQ)
+                                 DQacc + row_base * HEAD_DIM, ATOMIC_DQ,
+                                 m_full, m_end, win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,
-                             sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, Sq, Sq, causal_offset,
+                             sqs, sqd, sdos, sdod, offs_n, offs_d, offs_dv, m_full, m_end, Sq, causal_offset,
                              qk_scale, False, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, DOT_PRECISION, ALIGN,
-                             DQacc + row_base * HEAD_DIM, ATOMIC_DQ)
+                             DQacc + row_base * HEAD_DIM, ATOMIC_DQ,
+                             m_full, m_end, win_left, win_right, softcap2, slope2, IS_CAUSAL, WINDOW, SOFTCAP, ALIBI)
 
     if VARLEN:  # read again: held through the loop, they cost registers the tiles need (sm_80 spilled)
         bk, Sk = _seq_span(CuK, bhk // Hk, Sk, VARLEN)
@@ -497,23 +646,31 @@ def _dq_inner(
     IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    gap_lo, gap_hi, win_left, win_right, softcap2, slope2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
-    for start_n in range(lo, hi, BLOCK_N):
+    """Accumulate dQ of one query tile over key tiles [lo, hi) (masked windowed ones: less [gap_lo, gap_hi))."""
+    for it in range(lo, _gap_end(hi, gap_lo, gap_hi, WINDOW and MASKED), BLOCK_N):
+        start_n = _gap_skip(it, gap_lo, gap_hi, WINDOW and MASKED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, sks, offs_d, skd, Sk, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D, ALIGN)
         v = _load_tile(v_base, offs_n, svs, offs_dv, svd, Sk, HEAD_DIM_V, MASKED, HEAD_DIM_V != BLOCK_DV, ALIGN)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION)
-        p = tl.math.exp2(_at_most_zero(s * qk_scale - lse2[:, None]))
+        s, t = _score_mods(s * qk_scale, offs_m[:, None], offs_n[None, :], causal_offset, softcap2, slope2, SOFTCAP, ALIBI)
+        p = tl.math.exp2(_at_most_zero(s - lse2[:, None]))
         if MASKED:
             # padded keys get P = 0 (with P clamped at 1 and K's padding rows zero, dS @ K would drop them
-            # anyway: this is a guard, and the causal part below is not)
+            # anyway: this is a guard, and the window and causal parts below are not)
             keep = offs_n[None, :] < Sk
+            if WINDOW:
+                keep = keep & _in_window(offs_m[:, None], offs_n[None, :], causal_offset, win_left, win_right, IS_CAUSAL)
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             p = tl.where(keep, p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
@@ -531,6 +688,8 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Alibi, sab, sah, win_left, win_right, softcap2,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     bh, b, bk, h, hk, m0, Sq, Sk, causal_offset, full, hi = _q_tile(Hq, GROUP, Sq, Sk, CuQ, CuK, IS_CAUSAL, VARLEN,
                                                                     BLOCK_M, BLOCK_N)
@@ -540,6 +699,11 @@ def _attn_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    slope2 = _alibi_slope(Alibi, bh // Hq, h, sab, sah, ALIBI)
+    lo = full  # as in the forward kernel
+    full_lo = 0
+    if WINDOW:
+        lo, full_lo, full, hi = _window_key_range(m0, Sk, causal_offset, win_left, win_right, BLOCK_M, BLOCK_N)
 
     q = _load_tile(_head_ptr(Q, b, sqb, h, sqh, ALIGN), offs_m, sqs, offs_d, sqd, Sq, HEAD_DIM,
                    True, HEAD_DIM != BLOCK_D, ALIGN)
@@ -553,11 +717,13 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
-                   0, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
-                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+                   full_lo, full, Sk, causal_offset, qk_scale, IS_CAUSAL, False,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                   full_lo, full, win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, offs_dv,
-                   full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
-                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN)
+                   lo, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, DOT_PRECISION, ALIGN,
+                   full_lo, full, win_left, win_right, softcap2, slope2, WINDOW, SOFTCAP, ALIBI)
     _store_tile(_head_ptr(DQ, b, sdqb, h, sdqh, ALIGN), dq * scale, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
 
@@ -661,7 +827,28 @@ def _common_constexprs(q: Tensor, v: Tensor, is_causal: bool, *tensors: Tensor) 
     }
 
 
-def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, sq: int, sk: int, varlen: bool):
+def _feature_args(sq: int, sk: int, is_causal: bool, window: Tuple[int, int], softcap: float,
+                  alibi_slopes: Optional[Tensor], placeholder: Tensor) -> Tuple[Dict[str, object], Dict[str, object]]:
+    """(runtime args, constexprs) of the sliding window, softcap and ALiBi: the kernels' trailing arguments.
+
+    ``window`` is flash-attn's (left, right), -1 unbounded; when causal the right bound is the causal
+    one (right = 0). A side that cannot bind becomes Sq + Sk (the plan's, the longest with packed
+    sequences; the masks stay plain comparisons, and WINDOW is off when neither side binds).
+    ``placeholder`` stands in for absent slopes (never read)."""
+    never = sq + sk
+    left, right = window
+    left = never if left < 0 else min(left, never)
+    right = 0 if is_causal else (never if right < 0 else min(right, never))
+    alibi = alibi_slopes if alibi_slopes is not None else placeholder
+    args = {"Alibi": alibi, "sab": alibi.stride(0) if alibi.dim() == 2 else 0, "sah": alibi.stride(-1),
+            "win_left": left, "win_right": right, "softcap2": float(softcap) * LOG2E}
+    window_on = left < never or (not is_causal and right < never)
+    constexprs = {"WINDOW": window_on, "SOFTCAP": softcap > 0, "ALIBI": alibi_slopes is not None}
+    return args, constexprs
+
+
+def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, sq: int, sk: int, varlen: bool,
+              features: Tuple[bool, ...] = ()):
     return (
         q.dtype,
         q.device.index,
@@ -672,6 +859,7 @@ def _tune_key(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, sq: int, sk: int
         length_bucket(sq),
         length_bucket(sk),
         varlen,
+        *features,
     )
 
 
@@ -685,24 +873,27 @@ def _grid(rows: int, programs: int, tiles_of: str):
 
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float,
-                 arch: Optional[int] = None, seqs: Optional[Seqs] = None) -> LaunchPlan:
-    """The launch of the forward kernel for these tensors (shapes as in :func:`forward`, or packed as
-    in :func:`varlen_forward` with ``seqs``); its candidate configs are those of ``arch`` (default:
-    q's GPU; see :func:`configs_for`)."""
+                 arch: Optional[int] = None, seqs: Optional[Seqs] = None, *, window: Tuple[int, int] = (-1, -1),
+                 softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> LaunchPlan:
+    """The launch of the forward kernel for these tensors (shapes and options as in :func:`forward`, or
+    packed as in :func:`varlen_forward` with ``seqs``); its candidate configs are those of ``arch``
+    (default: q's GPU; see :func:`configs_for`)."""
     arch = arch if arch is not None else _arch(q)
     b, hq, hk, sq, sk = _shape(q, k, seqs)
-    constexprs = {**_common_constexprs(q, v, is_causal, k, out), "VARLEN": seqs is not None}
+    feature_args, features = _feature_args(sq, sk, is_causal, window, softcap, alibi_slopes, lse)
+    constexprs = {**_common_constexprs(q, v, is_causal, k, out), "VARLEN": seqs is not None, **features}
     args = {
         "Q": q, "K": k, "V": v, "Out": out, "Lse": lse,
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("so", out), **_lse_strides("sl", lse),
-        "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, "qk_scale": float(scale) * LOG2E,
+        "Hq": hq, "GROUP": hq // hk, "Sq": sq, "Sk": sk, "qk_scale": float(scale) * LOG2E, **feature_args,
     }
     args.update({name: value for name, value in _seq_args(seqs, q, lse).items() if name != "TQ"})
     return LaunchPlan(
         name="fwd", kernel=_attn_fwd_kernel, args=args, constexprs=constexprs,
         configs=configs_for("fwd_decode" if sq <= DECODE_MAX_SQ else "fwd", head_dim_bucket(q.shape[-1], v.shape[-1]), q.dtype,
                             arch=arch),
-        grid=_grid(sq, b * hq, "block_m"), tune_key=_tune_key(q, k, v, is_causal, sq, sk, seqs is not None),
+        grid=_grid(sq, b * hq, "block_m"),
+        tune_key=_tune_key(q, k, v, is_causal, sq, sk, seqs is not None, tuple(features.values())),
     )
 
 
@@ -710,7 +901,8 @@ def backward_plans(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, arch: Optional[int] = None,
     seqs: Optional[Seqs] = None,
-    deterministic: bool = True,
+    deterministic: bool = True, *,
+    window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
 ) -> List[LaunchPlan]:
     """The three launches of the backward (preprocess, dK/dV, dQ), in order, with ``arch``'s configs
     (default: q's GPU); packed tensors with ``seqs``. Allocates the float32 scratch buffers delta and
@@ -724,9 +916,10 @@ def backward_plans(
     b, hq, hk, sq, sk = _shape(q, k, seqs)
     d, dv_dim = q.shape[-1], v.shape[-1]
     varlen = seqs is not None
-    constexprs = {**_common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv), "VARLEN": varlen}
+    feature_args, features = _feature_args(sq, sk, is_causal, window, softcap, alibi_slopes, lse)
+    constexprs = {**_common_constexprs(q, v, is_causal, k, out, dout, dq, dk, dv), "VARLEN": varlen, **features}
     bucket = head_dim_bucket(d, dv_dim)
-    tune_key = _tune_key(q, k, v, is_causal, sq, sk, varlen)
+    tune_key = _tune_key(q, k, v, is_causal, sq, sk, varlen, tuple(features.values()))
     delta = torch.empty(*((hq, q.shape[0]) if varlen else (b, hq, sq)), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     seq_args = _seq_args(seqs, q, lse)
@@ -750,7 +943,7 @@ def backward_plans(
         "Q": q, "K": k, "V": v, "DOut": dout, "Lse2": lse2, "Delta": delta,
         **_strides("sq", q), **_strides("sk", k), **_strides("sv", v), **_strides("sdo", dout),
     }
-    scales = {"scale": float(scale), "qk_scale": float(scale) * LOG2E}
+    scales = {"scale": float(scale), "qk_scale": float(scale) * LOG2E, **feature_args}
     # (deterministic: DQacc is a placeholder pointer, never read, and the kernel compiles as without it)
     dq_acc = delta if deterministic else torch.empty(b, hq, sq, d, dtype=torch.float32, device=q.device)
     dkdv = LaunchPlan(
@@ -783,13 +976,15 @@ def backward_plans(
 
 
 def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optional[float] = None,
-                  arch: Optional[int] = None, seqs: Optional[Seqs] = None, deterministic: bool = True) -> List[LaunchPlan]:
+                  arch: Optional[int] = None, seqs: Optional[Seqs] = None, deterministic: bool = True, *,
+                  window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi: bool = False) -> List[LaunchPlan]:
     """Every launch of a forward + backward on tensors shaped like q, k, v (meta tensors work);
     packed (T, H, D) tensors with ``seqs``.
 
     Outputs are allocated like the op layer does (contiguous); ``arch`` picks the candidate configs
-    (meta tensors have no GPU: None gives the generic list). For the kernel report: compile
-    each plan with each of its configs via :func:`fastgpt.tools.inspect.compiling.compile_plan`.
+    (meta tensors have no GPU: None gives the generic list); ``window``, ``softcap`` and ``alibi``
+    (slopes of shape (Hq,)) pick the variant. For the kernel report: compile each plan with each of
+    its configs via :func:`fastgpt.tools.inspect.compiling.compile_plan`.
     """
     d = q.shape[-1]
     scale = scale if scale is not None else d ** -0.5
@@ -797,9 +992,11 @@ def example_plans(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: Optio
     lse_shape = (q.shape[1], q.shape[0]) if seqs is not None else q.shape[:-1]
     lse = torch.empty(*lse_shape, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch, seqs)
+    opts = {"window": window, "softcap": softcap,
+            "alibi_slopes": torch.empty(q.shape[1], dtype=torch.float32, device=q.device) if alibi else None}
+    fwd = forward_plan(q, k, v, out, lse, is_causal, scale, arch, seqs, **opts)
     return [fwd, *backward_plans(torch.empty_like(out), q, k, v, out, lse, None, dq, dk, dv, is_causal, scale, arch, seqs,
-                                 deterministic)]
+                                 deterministic, **opts)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,26 +1030,32 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     return None
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float) -> None:
+def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float, *,
+            window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> None:
     """Write ``out`` (B, Hq, Sq, Dv) in q's dtype and ``lse`` (B, Hq, Sq) float32 (natural log).
 
-    q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides; Sq, Sk >= 1.
+    q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv), any strides; Sq, Sk >= 1. ``window`` (left,
+    right; -1 unbounded; right is 0 when causal), ``softcap`` (0: off) and ``alibi_slopes`` ((Hq,) or
+    (B, Hq) float32 on q's device, or None) as flash-attn defines them (validated upstream).
     """
     with _on_device(q):
-        launch(forward_plan(q, k, v, out, lse, is_causal, scale))
+        launch(forward_plan(q, k, v, out, lse, is_causal, scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes))
 
 
 def backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, deterministic: bool = True,
+    dq: Tensor, dk: Tensor, dv: Tensor, is_causal: bool, scale: float, deterministic: bool = True, *,
+    window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
 ) -> None:
     """Write dq, dk, dv (shapes of q, k, v; any strides) from dout (shape of out) and ``dlse``
-    (None or (B, Hq, Sq), the gradient flowing into lse). GQA gradients are summed over each kv head's
-    query heads inside the dK/dV kernel. Deterministic by default; ``deterministic=False`` computes dQ
-    in the dK/dV kernel with float32 atomics (5 matmuls per tile instead of 7; dq's rounding varies
-    from run to run, dk and dv stay bitwise reproducible)."""
+    (None or (B, Hq, Sq), the gradient flowing into lse); options as in :func:`forward` (the slopes
+    get no gradient). GQA gradients are summed over each kv head's query heads inside the dK/dV
+    kernel. Deterministic by default; ``deterministic=False`` computes dQ in the dK/dV kernel with
+    float32 atomics (5 matmuls per tile instead of 7; dq's rounding varies from run to run, dk and dv
+    stay bitwise reproducible)."""
     with _on_device(q):
-        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic):
+        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic,
+                                   window=window, softcap=softcap, alibi_slopes=alibi_slopes):
             if plan.name == "bwd_dkdv_atomic":
                 pick_config(plan)  # a first call may tune: those runs add into DQacc too, so zero it after
                 plan.args["DQacc"].zero_()
@@ -872,25 +1075,31 @@ def _seqs(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seq
 
 
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-                   max_seqlen_k: int, out: Tensor, lse: Tensor, is_causal: bool, scale: float) -> None:
+                   max_seqlen_k: int, out: Tensor, lse: Tensor, is_causal: bool, scale: float, *,
+                   window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> None:
     """Packed sequences, one launch: write ``out`` (Tq, Hq, Dv) and ``lse`` (Hq, Tq) float32.
 
     q (Tq, Hq, D), k (Tk, Hk, D), v (Tk, Hk, Dv), any strides; sequence b is rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q (int32, validated upstream) and likewise of k and v;
-    max_seqlen_* at least the longest sequence, >= 1."""
+    max_seqlen_* at least the longest sequence, >= 1. Options as in :func:`forward`, per sequence
+    (alibi_slopes (B, Hq): row b is sequence b's)."""
+    seqs = _seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     with _on_device(q):
-        launch(forward_plan(q, k, v, out, lse, is_causal, scale, seqs=_seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)))
+        launch(forward_plan(q, k, v, out, lse, is_causal, scale, seqs=seqs, window=window, softcap=softcap,
+                            alibi_slopes=alibi_slopes))
 
 
 def varlen_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     dq: Tensor, dk: Tensor, dv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-    max_seqlen_k: int, is_causal: bool, scale: float,
+    max_seqlen_k: int, is_causal: bool, scale: float, *,
+    window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
 ) -> None:
-    """:func:`backward` for packed sequences (layouts as in :func:`varlen_forward`; dlse None or (Hq, Tq))."""
+    """:func:`backward` for packed sequences (layouts and options as in :func:`varlen_forward`; dlse None or (Hq, Tq))."""
     seqs = _seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     with _on_device(q):
-        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, seqs=seqs):
+        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, seqs=seqs, window=window,
+                                   softcap=softcap, alibi_slopes=alibi_slopes):
             launch(plan)
 
 

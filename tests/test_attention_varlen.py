@@ -237,19 +237,18 @@ BAD = {
     "k other head dim": (lambda a, dev: {"k": a["k"][..., :8]}, ValueError, "k must have q's head dim"),
     "v other length": (lambda a, dev: {"v": a["v"][:7]}, ValueError, "v must have k's heads and length"),
     "heads not a multiple": (lambda a, dev: {"q": torch.randn(8, 3, 16, device=dev)}, ValueError, "must be a multiple of the k/v heads"),
-    "window below -1": (lambda a, dev: {"window_size": (-2, 4)}, ValueError, "window_size entries must be >= -1"),
-    "window not a pair": (lambda a, dev: {"window_size": 4}, ValueError, "window_size must be a pair of ints"),
-    "softcap negative": (lambda a, dev: {"softcap": -1.0}, ValueError, "softcap must be a finite float >= 0"),
-    "softcap inf": (lambda a, dev: {"softcap": float("inf")}, ValueError, "softcap must be a finite float >= 0"),
-    "alibi wrong shape": (lambda a, dev: {"alibi_slopes": torch.ones(3, device=dev)}, ValueError, "alibi_slopes must be float32 of shape"),
-    "alibi wrong dtype": (lambda a, dev: {"alibi_slopes": torch.ones(2, device=dev, dtype=torch.float16)}, ValueError,
+    "window below -1": (lambda a, dev: {"window_size": (-2, 4)}, ValueError, "window_size values must be >= -1"),
+    "window not a pair": (lambda a, dev: {"window_size": 4}, TypeError, "window_size must be a \\(left, right\\) pair"),
+    "softcap negative": (lambda a, dev: {"softcap": -1.0}, ValueError, "softcap must be finite and >= 0"),
+    "softcap inf": (lambda a, dev: {"softcap": float("inf")}, ValueError, "softcap must be finite and >= 0"),
+    "alibi wrong shape": (lambda a, dev: {"alibi_slopes": torch.ones(3, device=dev)}, ValueError,
+                          "alibi_slopes must have shape \\(Hq,\\) = \\(2,\\) or \\(B, Hq\\) = \\(3, 2\\)"),
+    "alibi wrong dtype": (lambda a, dev: {"alibi_slopes": torch.ones(2, device=dev, dtype=torch.float16)}, TypeError,
                           "alibi_slopes must be float32"),
     "dropout out of range": (lambda a, dev: {"dropout_p": 1.0}, ValueError, "dropout_p must be a float in"),
     "deterministic not a bool": (lambda a, dev: {"deterministic": "yes"}, TypeError, "deterministic must be a bool"),
-    # valid values the kernels do not implement yet
-    "window set": (lambda a, dev: {"window_size": (4, 0)}, NotImplementedError, r"window_size=\(4, 0\) is not supported yet"),
-    "softcap set": (lambda a, dev: {"softcap": 30.0}, NotImplementedError, "softcap=30.0 is not supported yet"),
-    "alibi set": (lambda a, dev: {"alibi_slopes": torch.ones(3, 2, device=dev)}, NotImplementedError, "alibi_slopes=a tensor"),
+    "dropout with a window": (lambda a, dev: {"dropout_p": 0.1, "window_size": (4, 0)}, ValueError,
+                              "dropout_p > 0 cannot be combined with window_size"),
 }
 
 

@@ -52,6 +52,8 @@ def test_custom_ops_pass_torch_library_opcheck():
         (torch.ops.fastgpt.attention_fwd.default, (q, k, v, True, 0.3, False)),
         (torch.ops.fastgpt.attention_fwd.default, (q, k, v, False, 0.3, True)),
         (torch.ops.fastgpt.attention_fwd.default, (q, k, v, True, 0.3, True, False)),  # deterministic=False
+        # sliding window, softcap and ALiBi slopes (B, Hq)
+        (torch.ops.fastgpt.attention_fwd.default, (q, k, v, False, 0.3, False, True, 2, 1, 5.0, torch.rand(1, 4, generator=g))),
         (torch.ops.fastgpt.layer_norm_fwd.default, (x, w, b, 1e-5)),
         (torch.ops.fastgpt.layer_norm_fwd.default, (x, None, None, 1e-5)),
         (torch.ops.fastgpt.add_layer_norm_fwd.default, (x, res, w, None, 1e-5)),

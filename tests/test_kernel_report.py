@@ -308,6 +308,20 @@ def test_quick_report_has_no_problems_in_default_configs(report):
             assert g["model_us"] >= g["ideal_us"] * (1 - 1e-9)
 
 
+def test_window_softcap_alibi_variant_is_reported_spill_free(report):
+    """flash-attn's options (all three at once, head dim 256: the most registers of them) compile for
+    sm_80 and sm_90 as their own constexpr variant, every kernel spill-free in its default config."""
+    from fastgpt.tools.inspect.compile_jobs import _case_plans
+
+    case = next(c for c in kr.ATTENTION_CASES if c["name"] == "d256-window-softcap-alibi")
+    for _, plan in _case_plans(case):
+        if plan.name != "bwd_preprocess":
+            assert {k: plan.constexprs[k] for k in ("WINDOW", "SOFTCAP", "ALIBI")} == dict.fromkeys(("WINDOW", "SOFTCAP", "ALIBI"), True)
+    rows = [r for r in report["rows"] if r["case"] == case["name"]]
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in KERNELS for a in (80, 90)}
+    assert all(r["stack"] == 0 and r["stl"] == 0 and r["ldl"] == 0 for r in rows), rows
+
+
 def test_atomic_backward_rows_show_five_matmuls_for_seven(report):
     """The quick report's deterministic=False backward (llama3-8b-gqa: dQ added by atomics in the dK/dV
     kernel, then converted) beside the deterministic one: the atomics are in that kernel only, nothing

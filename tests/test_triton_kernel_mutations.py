@@ -40,7 +40,8 @@ pytestmark = pytest.mark.skipif(not interpreter_active(), reason="mutants run un
 MUTATIONS = {
     # causal tile bounds
     "fwd: masked key loop stops one tile early": (
-        "offs_dv, full, hi, Sk", "offs_dv, full, hi - BLOCK_N, Sk", "causal"),
+        "offs_dv, lo, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True",
+        "offs_dv, lo, hi - BLOCK_N, Sk, causal_offset, qk_scale, IS_CAUSAL, True", "causal"),
     "fwd: causal diagonal off by one (< for <=)": (
         "<= offs_m[:, None] + causal_offset)\n            s = tl.where",
         "< offs_m[:, None] + causal_offset)\n            s = tl.where", "causal"),
@@ -54,8 +55,8 @@ MUTATIONS = {
         "tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t",
         "tl.where(offs_n[:, None] < offs_m[None, :] + causal_offset, p_t", "causal"),
     "dq: masked key loop stops one tile early": (
-        "full, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM",
-        "full, hi - BLOCK_N, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM", "causal"),
+        "lo, hi, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM",
+        "lo, hi - BLOCK_N, Sk, causal_offset, qk_scale, IS_CAUSAL, True,\n                   HEAD_DIM", "causal"),
     # ragged-tile masks
     "fwd: key-bound mask of the ragged tile dropped": (
         "if MASKED:\n            keep = offs_n[None, :] < Sk", "if MASKED:\n            keep = offs_n[None, :] < Sk + BLOCK_N",
@@ -106,6 +107,13 @@ MUTATIONS = {
     "dq: dQ accumulator in 16 bits": (
         "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)",
         "dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION).to(k.dtype).to(tl.float32)", "tight, long keys"),
+    # sliding window, softcap, ALiBi (tests/test_attention_window.py)
+    "window: left edge off by one (> for >=)": (
+        "keep = j >= i + causal_offset - win_left", "keep = j > i + causal_offset - win_left", "window"),
+    "dkdv: the window's far-edge query tiles skipped": ("m_lo, m_hi, Sq, causal_offset", "m_lo, m_end, Sq, causal_offset", "window"),
+    "dq: softcap derivative dropped": ("ds = ds * (1.0 - t * t)", "ds = ds", "softcap"),
+    "alibi: distance from the top-left corner": (
+        "tl.abs((i + causal_offset).to(tl.float32)", "tl.abs((i + 0).to(tl.float32)", "softcap"),
     # packed sequences (VARLEN): where each sequence starts and how long it is
     "varlen: a sequence's length one short": (
         "return start, tl.load(Cu + b + 1) - start", "return start, tl.load(Cu + b + 1) - start - 1", "varlen"),
@@ -180,6 +188,23 @@ def _lse(device):
                             lambda q, k, v: tat.lse_oracle(q, k, v, True, 0.3), [q, k, v], torch.float32)
 
 
+def _window(device):
+    """A sliding window with both bounds, Sq != Sk, GQA, float32: many window-edge tiles."""
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 2, 1, 40, 56, 16))
+    check_against_torch("window", lambda q, k, v: fastgpt.attention(q, k, v, scale=0.25, window_size=(9, 5)),
+                        lambda q, k, v: attention_oracle(q, k, v, False, 0.25, window=(9, 5)), [q, k, v], torch.float32)
+
+
+def _softcap(device):
+    """Softcap with scores that saturate it, and ALiBi slopes (B, Hq), causal with Sq < Sk, float32."""
+    q, k, v = (t.detach().to(device).requires_grad_() for t in _qkv(1, 2, 1, 24, 40, 16))
+    slopes = torch.tensor([[0.5, 0.125]], device=device)
+    opts = {"softcap": 2.0, "alibi_slopes": slopes}
+    check_against_torch("softcap", lambda q, k, v: fastgpt.attention(q, k, v, causal=True, scale=1.0, **opts),
+                        lambda q, k, v: attention_oracle(q, k, v, True, 1.0, window=(-1, -1), **opts), [q, k, v],
+                        torch.float32)
+
+
 def _varlen(device):
     """Packed sequences with lengths 0 and 1, Sq != Sk per sequence, several tiles, causal GQA, and
     the log-sum-exp (float32): the per-sequence oracle of tests/test_attention_varlen.py."""
@@ -198,6 +223,8 @@ CHECKS = {
     # many key tiles per query tile: what the dQ accumulator sees
     "tight, long keys": _tight(16, 256, 0),
     "lse": _lse,
+    "window": _window,
+    "softcap": _softcap,
     "varlen": _varlen,
     "atomic": _atomic,
 }

@@ -14,8 +14,10 @@ it to the top left. Query rows that see no key (Sq > Sk) give zeros, never NaN.
 Backend interface (``fastgpt.kernels.flash_attention`` implements it for ``triton``)::
 
     unsupported_reason(q, k, v) -> str | None          # why this call cannot run on the kernel
-    forward(q, k, v, out, lse, is_causal, scale) -> None   # writes out and lse (B, Hq, Sq) float32
-    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=True) -> None   # writes dq, dk, dv
+    forward(q, k, v, out, lse, is_causal, scale, **options) -> None   # writes out and lse (B, Hq, Sq) float32
+    backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=True, **options) -> None
+
+(``options``: window, softcap, alibi_slopes; passed only when one is on, see :func:`_backend_options`.)
 
 q, k, v, out, dout, dq, dk, dv are logical (B, H, S, D) tensors with arbitrary strides (any strides
 work, 0 included; a contiguous last dim is fastest); ``dlse`` is None or (B, Hq, Sq).
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fastgpt import backends, reference
+from fastgpt.ops._attention_options import AttentionOptions, check_options, visible_pairs
 from fastgpt.ops._checks import FLOAT_DTYPES, check_broadcastable, check_same_device, check_same_dtype, check_tensor, is_compiling
 from fastgpt.ops._define import FastgptOp, reference_serves
 from fastgpt.registry import OpCases, OpSpec, register
@@ -103,22 +106,32 @@ def _backend_for(q: Tensor, k: Tensor, v: Tensor) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _backend_options(window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor]) -> dict:
+    """The options as backend keyword arguments; none at all for a plain call (the interface's original form)."""
+    if AttentionOptions(False, (window_left, window_right), softcap, alibi_slopes).plain:
+        return {}
+    return {"window": (window_left, window_right), "softcap": softcap, "alibi_slopes": alibi_slopes}
+
+
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, seq_major: bool,
-                   deterministic: bool = True) -> Tuple[Tensor, Tensor]:
+                   deterministic: bool = True, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                   alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     # (deterministic is the backward's: an input here so that setup_context can hand it on)
     out, lse = _alloc_forward(q, v, seq_major)
+    opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v) == "triton":
         from fastgpt.kernels import flash_attention
 
-        flash_attention.forward(q, k, v, out, lse, is_causal, scale)
+        flash_attention.forward(q, k, v, out, lse, is_causal, scale, **opts)
         return out, lse
-    ref_out, ref_lse = reference.attention_forward(q, k, v, is_causal, scale)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, is_causal, scale, **opts)
     out.copy_(ref_out)
     lse.copy_(ref_lse)
     return out, lse
 
 
-def _attention_fwd_fake(q, k, v, is_causal, scale, seq_major, deterministic=True):
+def _attention_fwd_fake(q, k, v, is_causal, scale, seq_major, deterministic=True, window_left=-1, window_right=-1,
+                        softcap=0.0, alibi_slopes=None):
     return _alloc_forward(q, v, seq_major)
 
 
@@ -134,37 +147,48 @@ def _attention_bwd(
     scale: float,
     seq_major: bool,
     deterministic: bool = True,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _alloc_grads(q, k, v, seq_major)
+    opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v) == "triton":
         from fastgpt.kernels import flash_attention
 
-        flash_attention.backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic)
+        flash_attention.backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic,
+                                 **opts)
         return dq, dk, dv
-    for dst, src in zip((dq, dk, dv), reference.attention_backward(dout, q, k, v, out, lse, dlse, is_causal, scale)):
+    for dst, src in zip((dq, dk, dv), reference.attention_backward(dout, q, k, v, out, lse, dlse, is_causal, scale, **opts)):
         dst.copy_(src)
     return dq, dk, dv
 
 
-def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, seq_major, deterministic=True):
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, is_causal, scale, seq_major, deterministic=True, window_left=-1,
+                        window_right=-1, softcap=0.0, alibi_slopes=None):
     return _alloc_grads(q, k, v, seq_major)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, is_causal, scale, seq_major, deterministic = inputs  # (the custom op fills in defaults)
+    # (the custom op fills in defaults)
+    q, k, v, is_causal, scale, seq_major, deterministic, window_left, window_right, softcap, alibi_slopes = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
     ctx.is_causal, ctx.scale, ctx.seq_major, ctx.deterministic = is_causal, scale, seq_major, deterministic
+    ctx.window, ctx.softcap = (window_left, window_right), softcap
 
 
 def _backward(ctx, attention_bwd, dout, dlse):
+    nones = (None,) * 8  # is_causal, scale, seq_major, deterministic and the options get no gradient
     if dout is None and dlse is None:
-        return None, None, None, None, None, None, None
-    q, k, v, out, lse = ctx.saved_tensors
+        return (None, None, None) + nones
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, ctx.is_causal, ctx.scale, ctx.seq_major, ctx.deterministic,
+                               *ctx.window, ctx.softcap, alibi_slopes)
+    return (dq, dk, dv) + nones
 
 
 _attention = FastgptOp(
@@ -254,6 +278,12 @@ def _check_deterministic(fn: str, deterministic) -> None:
         raise TypeError(f"{fn}: deterministic must be a bool; got {type(deterministic).__name__}")
 
 
+def _run(q: Tensor, k: Tensor, v: Tensor, opts: AttentionOptions, scale: float, seq_major: bool,
+         deterministic: bool = True) -> Tuple[Tensor, Tensor]:
+    """The custom op on validated options: (out, lse)."""
+    return _attention(q, k, v, opts.causal, scale, seq_major, deterministic, *opts.window, opts.softcap, opts.alibi_slopes)
+
+
 def _default_scale(scale: Optional[float], d: int) -> float:
     if scale is not None:
         return float(scale)
@@ -292,6 +322,9 @@ def attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     deterministic: bool = True,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
 ):
     """Softmax attention over (B, H, S, D) tensors, with the log-sum-exp on request.
 
@@ -308,6 +341,12 @@ def attention(
             backward computes dq inside the dK/dV kernel with float32 atomic adds (5 matmuls per tile
             instead of 7, as FlashAttention-2 does), so dq's rounding varies from run to run (dk, dv do
             not). flash-attn's default is the non-deterministic backward; fastgpt's is not.
+        window_size: (left, right) sliding window, flash-attn's: query i sees keys
+            [i + Sk - Sq - left, i + Sk - Sq + right]; -1 leaves a side unbounded; causal sets right = 0.
+            Key tiles outside every row's window are skipped (work ~ Sq x window).
+        softcap: c > 0 caps the scaled scores at c * tanh(s / c) (Gemma-2, Grok); 0.0 is off.
+        alibi_slopes: (Hq,) or (B, Hq) float32 ALiBi slopes: -slope * |i + Sk - Sq - j| is added to
+            the (capped) score; they get no gradient.
 
     Returns:
         out (B, Hq, Sq, Dv) in q's dtype, or (out, lse) when ``return_lse``. Any strides are accepted
@@ -316,12 +355,13 @@ def attention(
     fn = "fastgpt.attention"
     _check_qkv(fn, q, k, v, allow_gqa=True)
     _check_deterministic(fn, deterministic)
+    opts = check_options(fn, q, causal, window_size, softcap, alibi_slopes)
     scale = _default_scale(scale, q.shape[-1])
-    if not return_lse:
-        out = _torch_sdpa_shortcut(q, k, v, causal, scale)
+    if not return_lse and opts.plain:  # torch's SDPA knows no window, softcap or ALiBi
+        out = _torch_sdpa_shortcut(q, k, v, opts.causal, scale)
         if out is not None:
             return out
-    out, lse = _attention(q, k, v, bool(causal), scale, False, deterministic)
+    out, lse = _run(q, k, v, opts, scale, False, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -369,7 +409,7 @@ def scaled_dot_product_attention(
     else:
         out = _torch_sdpa_shortcut(q, k, v, is_causal, scale)
         if out is None:
-            out, _ = _attention(q, k, v, bool(is_causal), scale, False, True)
+            out, _ = _run(q, k, v, AttentionOptions(bool(is_causal)), scale, False)
     return out.squeeze(1) if squeeze else out
 
 
@@ -380,6 +420,9 @@ def flash_attn_func(
     dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
     return_lse: bool = False,
     *,
     deterministic: bool = True,
@@ -388,8 +431,9 @@ def flash_attn_func(
 
     Runs the same kernels as :func:`scaled_dot_product_attention` through strides (no transposing
     copy); the output is a contiguous (B, Sq, Hq, Dv) tensor. The causal mask is bottom-right
-    aligned, as in flash-attn >= 2.1. ``dropout_p > 0`` runs torch's SDPA with a one-time warning.
-    With ``return_lse`` also returns the log-sum-exp, (B, Hq, Sq) float32. ``deterministic`` (keyword)
+    aligned, as in flash-attn >= 2.1. ``window_size``, ``softcap`` and ``alibi_slopes`` are
+    flash-attn's (see :func:`attention`). ``dropout_p > 0`` runs torch's SDPA with a one-time warning
+    (not with those three). With ``return_lse`` also returns the log-sum-exp, (B, Hq, Sq) float32. ``deterministic`` (keyword)
     is :func:`attention`'s: True by default, where flash-attn's default is False (its atomic dq); pass
     False for the faster backward whose dq varies in its last bits from run to run.
     """
@@ -399,19 +443,22 @@ def flash_attn_func(
     _check_deterministic(fn, deterministic)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     _check_qkv(fn, qt, kt, vt, allow_gqa=True)
+    opts = check_options(fn, qt, causal, window_size, softcap, alibi_slopes)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1); got {dropout_p}")
     scale = _default_scale(softmax_scale, q.shape[-1])
     if dropout_p > 0.0:
         if return_lse:
             raise ValueError(f"{fn}: return_lse is not available with dropout_p > 0")
-        out = _torch_sdpa_fallback(qt, kt, vt, None, dropout_p, causal, scale, "dropout_p > 0 is not supported by the kernels")
+        if not opts.plain:  # the fallback (torch's SDPA) has none of them
+            raise ValueError(f"{fn}: dropout_p > 0 cannot be combined with window_size, softcap or alibi_slopes")
+        out = _torch_sdpa_fallback(qt, kt, vt, None, dropout_p, opts.causal, scale, "dropout_p > 0 is not supported by the kernels")
         return out.transpose(1, 2).contiguous()
-    if not return_lse:
-        out = _torch_sdpa_shortcut(qt, kt, vt, causal, scale)
+    if not return_lse and opts.plain:
+        out = _torch_sdpa_shortcut(qt, kt, vt, opts.causal, scale)
         if out is not None:
             return out.transpose(1, 2).contiguous()
-    out, lse = _attention(qt, kt, vt, bool(causal), scale, True, deterministic)
+    out, lse = _run(qt, kt, vt, opts, scale, True, deterministic)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 
@@ -425,8 +472,10 @@ ATTN_HIDDEN = 2048  # heads = 2048 / head_dim
 SDPA_PEERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
 
 
-def attention_flops(b: int, h: int, sq: int, sk: int, d: int, *, causal: bool, mode: str = "fwd") -> float:
-    """Matmul FLOPs of attention: 4*B*H*Sq*Sk*D forward (QK^T and PV), halved when causal.
+def attention_flops(b: int, h: int, sq: int, sk: int, d: int, *, causal: bool, mode: str = "fwd",
+                    window: Tuple[int, int] = (-1, -1)) -> float:
+    """Matmul FLOPs of attention: 4*B*H*Sq*Sk*D forward (QK^T and PV), halved when causal; with a
+    sliding ``window`` (left, right) 4*B*H*D per (query, key) pair it leaves (~ Sq x window).
 
     ``mode`` is "fwd", "bwd" (2.5x forward: five matmuls to the forward's two) or "fwd+bwd" (3.5x).
     This is the convention of FlashAttention's benchmarks, so figures compare with theirs.
@@ -434,6 +483,8 @@ def attention_flops(b: int, h: int, sq: int, sk: int, d: int, *, causal: bool, m
     factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
     if mode not in factor:
         raise ValueError(f"attention_flops: mode must be one of {', '.join(factor)}; got {mode!r}")
+    if tuple(window) != (-1, -1):
+        return 4.0 * b * h * visible_pairs(sq, sk, causal, tuple(window)) * d * factor[mode]
     fwd = 4.0 * b * h * sq * sk * d
     if causal:
         fwd /= 2.0
@@ -512,7 +563,7 @@ register(
             call=lambda case: lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=case.causal),
             work=_work,
             work_model={
-                "fwd": "flops = 4*B*H*Sq*Sk*D, halved when causal (Sq == Sk)",
+                "fwd": "flops = 4*B*H*Sq*Sk*D, halved when causal (Sq == Sk); with a window 4*B*H*D per visible (query, key) pair",
                 "bwd": "flops = 2.5 * forward flops",
                 "fwd+bwd": "flops = 3.5 * forward flops",
             },

@@ -13,7 +13,6 @@ reference loops over the sequences (:func:`fastgpt.reference.varlen_attention_fo
 
 import functools
 import importlib.util
-import math
 import operator
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -22,9 +21,10 @@ import torch
 from torch import Tensor
 
 from fastgpt import backends, reference
+from fastgpt.ops._attention_options import AttentionOptions, check_options
 from fastgpt.ops._checks import check_same_device, check_tensor, is_compiling
 from fastgpt.ops._define import FastgptOp
-from fastgpt.ops.attention import _check_qkv, _default_scale, _torch_sdpa, _torch_sdpa_fallback, attention_flops
+from fastgpt.ops.attention import _backend_options, _check_qkv, _default_scale, _torch_sdpa, _torch_sdpa_fallback, attention_flops
 from fastgpt.registry import OpCases, OpSpec, register
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func"]
@@ -72,53 +72,62 @@ def _alloc_forward(q: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-                max_seqlen_k: int, is_causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+                max_seqlen_k: int, is_causal: bool, scale: float, window_left: int = -1, window_right: int = -1,
+                softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v, max_seqlen_q, max_seqlen_k) == "triton":
         from fastgpt.kernels import flash_attention
 
         out, lse = _alloc_forward(q, v)
         flash_attention.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse,
-                                       is_causal, scale)
+                                       is_causal, scale, **opts)
         return out, lse
-    return reference.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale)
+    return reference.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, **opts)
 
 
-def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale):
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, window_left=-1,
+                     window_right=-1, softcap=0.0, alibi_slopes=None):
     return _alloc_forward(q, v)
 
 
 def _varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
                 cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
-                scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v, max_seqlen_q, max_seqlen_k) == "triton":
         from fastgpt.kernels import flash_attention
 
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         flash_attention.varlen_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                                        max_seqlen_q, max_seqlen_k, is_causal, scale)
+                                        max_seqlen_q, max_seqlen_k, is_causal, scale, **opts)
         return dq, dk, dv
-    return reference.varlen_attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, is_causal, scale)
+    return reference.varlen_attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, is_causal, scale,
+                                               **opts)
 
 
-def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale):
+def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                     window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, window_left, window_right, softcap, alibi_slopes = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
     ctx.max_q, ctx.max_k, ctx.is_causal, ctx.scale = max_q, max_k, is_causal, scale
+    ctx.window, ctx.softcap = (window_left, window_right), softcap
 
 
 def _backward(ctx, varlen_bwd, dout, dlse):
-    none = (None,) * 6  # cu_seqlens, max_seqlen, is_causal, scale
+    none = (None,) * 10  # cu_seqlens, max_seqlen, is_causal, scale, the options
     if dout is None and dlse is None:
         return (None, None, None) + none
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.is_causal, ctx.scale)
+    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.is_causal, ctx.scale,
+                            *ctx.window, ctx.softcap, alibi_slopes)
     return (dq, dk, dv) + none
 
 
@@ -198,31 +207,8 @@ def _check_int(fn: str, name: str, value: object) -> int:
     return value
 
 
-def _check_features(fn: str, q: Tensor, batch: int, dropout_p, window_size, softcap, alibi_slopes) -> Tuple[int, int]:
-    """flash-attn's extra arguments: ranges checked here; the kernels' support is decided by the caller."""
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be a float in [0, 1); got {dropout_p!r}")
-    try:
-        left, right = (operator.index(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"{fn}: window_size must be a pair of ints (left, right); got {window_size!r}") from None
-    if left < -1 or right < -1:
-        raise ValueError(f"{fn}: window_size entries must be >= -1 (-1: unbounded); got {(left, right)}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"{fn}: softcap must be a finite float >= 0 (0: off); got {softcap!r}")
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, Tensor):
-            raise TypeError(f"{fn}: alibi_slopes must be a torch.Tensor or None; got {type(alibi_slopes).__name__}")
-        hq = q.shape[1]
-        if alibi_slopes.dtype != torch.float32 or tuple(alibi_slopes.shape) not in ((hq,), (batch, hq)):
-            raise ValueError(f"{fn}: alibi_slopes must be float32 of shape (Hq,) = ({hq},) or (B, Hq) = ({batch}, {hq}); "
-                             f"got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
-        check_same_device(fn, q=q, alibi_slopes=alibi_slopes)
-    return left, right
-
-
-def _validate(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size,
-              softcap, alibi_slopes, deterministic, return_attn_probs) -> None:
+def _validate(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, window_size,
+              softcap, alibi_slopes, deterministic, return_attn_probs) -> AttentionOptions:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(fn, name, t, ndim=(3,))
     # (T, H, D) as the (1, H, T, D) view the dense op checks: dtypes, devices, heads, head dims
@@ -233,18 +219,17 @@ def _validate(fn: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     batch_k = _check_cu(fn, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], "max_seqlen_k", max_k)
     if batch_k != batch:
         raise ValueError(f"{fn}: cu_seqlens_k describes {batch_k} sequences but cu_seqlens_q {batch}; expected the same batch")
-    left, right = _check_features(fn, q, batch, dropout_p, window_size, softcap, alibi_slopes)
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be a float in [0, 1); got {dropout_p!r}")
+    opts = check_options(fn, q, causal, window_size, softcap, alibi_slopes, batch=batch)
     for name, flag in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs)):
         if not isinstance(flag, bool):
             raise TypeError(f"{fn}: {name} must be a bool; got {flag!r}")
     if return_attn_probs and dropout_p > 0.0:
         raise ValueError(f"{fn}: return_attn_probs is not available with dropout_p > 0")
-    # accepted and range-checked above; the kernels do not implement them yet
-    for name, value, default in (("window_size", (left, right), (-1, -1)), ("softcap", softcap, 0.0),
-                                 ("alibi_slopes", alibi_slopes, None)):
-        if not (value is None if default is None else value == default):
-            shown = "a tensor" if name == "alibi_slopes" else repr(value)
-            raise NotImplementedError(f"{fn}: {name}={shown} is not supported yet (only the default {default!r})")
+    if dropout_p > 0.0 and not opts.plain:  # the fallback (torch's SDPA) has none of them
+        raise ValueError(f"{fn}: dropout_p > 0 cannot be combined with window_size, softcap or alibi_slopes")
+    return opts
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,9 +281,11 @@ def flash_attn_varlen_func(
         max_seqlen_q, max_seqlen_k: ints at least the longest sequence (they size the launch grid).
         dropout_p: > 0 runs torch's SDPA sequence by sequence, with a one-time FallbackWarning.
         softmax_scale: default 1/sqrt(D). causal: bottom-right causal mask per sequence.
-        window_size, softcap, alibi_slopes: flash-attn's; checked (window entries >= -1, softcap a
-            finite float >= 0, alibi_slopes float32 (Hq,) or (B, Hq)), and NotImplementedError for
-            any value but the default until the kernels implement them.
+        window_size, softcap, alibi_slopes: flash-attn's, within each sequence (see
+            :func:`fastgpt.attention`): query i of a sequence sees its keys i + Sk_b - Sq_b - left ..
+            i + Sk_b - Sq_b + right (-1 unbounded; causal sets right = 0); softcap c > 0 caps the scaled
+            scores at c * tanh(s / c); alibi_slopes (Hq,) or (B, Hq) float32 (row b: sequence b's) add
+            -slope * |i + Sk_b - Sq_b - j|. Not with dropout_p > 0.
         deterministic: accepted for flash-attn compatibility; fastgpt's backward is always
             deterministic today (flash-attn's default is False, its faster atomic backward).
         return_attn_probs: also return the log-sum-exp (see Returns). Not with dropout_p > 0.
@@ -314,13 +301,13 @@ def flash_attn_varlen_func(
     once per tensor (a device-to-host copy; cached while the tensor is unmodified), and not while
     torch.compile traces.
     """
-    _validate(_FN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap,
-              alibi_slopes, deterministic, return_attn_probs)
+    opts = _validate(_FN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, window_size,
+                     softcap, alibi_slopes, deterministic, return_attn_probs)
     scale = _default_scale(softmax_scale, q.shape[-1])
     if dropout_p > 0.0:
-        return _dropout_fallback(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(causal), scale, float(dropout_p))
+        return _dropout_fallback(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.causal, scale, float(dropout_p))
     out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, operator.index(max_seqlen_q), operator.index(max_seqlen_k),
-                       bool(causal), scale)
+                       opts.causal, scale, *opts.window, opts.softcap, opts.alibi_slopes)
     return (out, lse) if return_attn_probs else out
 
 

@@ -66,19 +66,20 @@ def _case_plans(case: Dict[str, Any]):
     dtype = getattr(torch, case["dtype"])
     dv = case.get("dv", case["d"])
     off = case.get("q_offset", 0)  # q as a view that starts `off` elements into its storage (e.g. a fused QKV)
+    opts = {"window": tuple(case.get("window", (-1, -1))), "softcap": case.get("softcap", 0.0), "alibi": case.get("alibi", False)}
     if case.get("varlen"):  # packed: b sequences of sq (sk) tokens each, (tokens, heads, dim) tensors
         b, sq, sk = case["b"], case["sq"], case["sk"]
         q = torch.empty(b * sq, case["hq"], case["d"], dtype=dtype, device="meta")
         k = torch.empty(b * sk, case["hk"], case["d"], dtype=dtype, device="meta")
         v = torch.empty(b * sk, case["hk"], dv, dtype=dtype, device="meta")
         cu = torch.empty(b + 1, dtype=torch.int32, device="meta")
-        plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"), seqs=fa.Seqs(cu, cu, sq, sk))
+        plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"), seqs=fa.Seqs(cu, cu, sq, sk), **opts)
     else:
         q = torch.empty(case["b"], case["hq"], case["sq"], case["d"] + off, dtype=dtype, device="meta")[..., off:]
         k = torch.empty(case["b"], case["hk"], case["sk"], case["d"], dtype=dtype, device="meta")
         v = torch.empty(case["b"], case["hk"], case["sk"], dv, dtype=dtype, device="meta")
         plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"),  # per-arch config lists
-                                 deterministic=case.get("deterministic", True))
+                                 deterministic=case.get("deterministic", True), **opts)
     out = [("fwd", plans[0])] if "fwd" in case["passes"] else []
     if "bwd" in case["passes"]:
         out += [("bwd", p) for p in plans[1:]]

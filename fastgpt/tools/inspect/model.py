@@ -39,6 +39,20 @@ ATTENTION_CASES: Tuple[Dict[str, Any], ...] = (
     # grid, bytes and FLOPs are those of the dense case (a ragged batch only has fewer live tiles)
     dict(name="varlen-gqa", b=8, hq=32, hk=8, sq=2048, sk=2048, d=128, causal=True, dtype="bfloat16", passes=("fwd", "bwd"),
          varlen=True, quick=True),
+    # flash-attn's options, each a constexpr variant of the kernels: a Mistral-style window of 4096 over
+    # 16k (work ~ S x window, not S^2), Gemma-2's window and logit softcap at head dim 256, BLOOM's
+    # ALiBi, Grok's softcap at 128; `--quick` (and the test suite) compiles all three options at once
+    # at head dim 256, the most registers of them (the three at d=128 spill 56 B on sm_80 at 128x64 s3)
+    dict(name="mistral-window-16k", b=1, hq=32, hk=8, sq=16384, sk=16384, d=128, causal=True, dtype="bfloat16",
+         passes=("fwd", "bwd"), window=(4095, 0)),
+    dict(name="gemma2-window-softcap", b=1, hq=16, hk=8, sq=8192, sk=8192, d=256, causal=True, dtype="bfloat16",
+         passes=("fwd", "bwd"), window=(4095, 0), softcap=50.0),
+    dict(name="bloom-alibi", b=4, hq=32, hk=32, sq=2048, sk=2048, d=128, causal=True, dtype="bfloat16",
+         passes=("fwd", "bwd"), alibi=True),
+    dict(name="grok-softcap", b=1, hq=48, hk=8, sq=8192, sk=8192, d=128, causal=True, dtype="bfloat16",
+         passes=("fwd", "bwd"), softcap=30.0),
+    dict(name="d256-window-softcap-alibi", b=1, hq=16, hk=8, sq=8192, sk=8192, d=256, causal=True, dtype="bfloat16",
+         passes=("fwd", "bwd"), window=(4095, 0), softcap=50.0, alibi=True, quick=True),
     # other Triton ops' cases (the split-KV decode kernel), from their registry entries
     *(case for spec in registry.all_ops() for case in spec.report_cases),
 )
@@ -82,7 +96,8 @@ TILING_MODEL = {
                   "per tile (dK/dV: 4, dQ: 3, S and dP recomputed); deterministic=False 5 (dQ added in the dK/dV "
                   "kernel by atomics), the 5 that the useful FLOPs count",
     "min bytes / useful flops": "each op's work model (docs/design.md, 'Performance targets and the byte/FLOP model'): every input read and every "
-                                "output written once; attention FLOPs 4*B*H*Sq*Sk*D, halved when causal, backward 2.5x",
+                                "output written once; attention FLOPs 4*B*H*Sq*Sk*D, halved when causal (with a sliding "
+                                "window 4*B*H*D per visible query-key pair), backward 2.5x",
     "model time": "per launch max(hbm bytes / HBM bandwidth, exec flops / peak) / SM fill, where SM fill = "
                   "min(1, programs / SMs) (a grid smaller than the GPU leaves SMs idle); launches of one op add up",
     "ideal time": "max(min bytes / HBM bandwidth, useful flops / peak)",
@@ -107,13 +122,17 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
     """Tiled bytes, HBM bytes and executed FLOPs of one attention launch (see TILING_MODEL).
 
     The loop bounds are the kernels' own (kernels/flash_attention.py): the forward and dQ kernels
-    visit key tiles [0, hi) per query tile (hi = the causal bound), the dK/dV kernel query tiles
-    [m_lo, Sq) per key tile for each query head of its GQA group.
+    visit key tiles [lo, hi) per query tile (the causal and window bounds), the dK/dV kernel query
+    tiles [m_lo, m_hi) per key tile for each query head of its GQA group.
     """
     b, hq, hk, sq, sk, d = (case[k] for k in ("b", "hq", "hk", "sq", "sk", "d"))
     dv = case.get("dv", d)
     e = 4 if case["dtype"] == "float32" else 2
     group, off, causal = hq // hk, sk - sq, case["causal"]
+    # the window as the launcher passes it (kernels/flash_attention.py, _feature_args): sides that never bind = Sq + Sk
+    left, right = case.get("window", (-1, -1))
+    left = left if left >= 0 else sq + sk
+    right = 0 if causal else (right if right >= 0 else sq + sk)
     bm, bn = rec["config"]["block_m"], rec["config"]["block_n"]
     bd, bdv = rec["block_d"], rec["block_dv"]
     kernel = rec["kernel"]
@@ -132,10 +151,11 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
         key_rows = key_tiles = 0
         for t in range(n_m):
             m0 = t * bm
-            hi = max(min(sk, m0 + bm + off), 0) if causal else sk
-            tiles = -(-hi // bn)
+            hi = max(min(sk, m0 + bm + off + right), 0)
+            lo = min(max(m0 + off - left, 0) // bn * bn, hi)
+            tiles = -(-(hi - lo) // bn)
             key_tiles += tiles
-            key_rows += min(tiles * bn, sk)
+            key_rows += min(tiles * bn, sk - lo)
         if kernel == "fwd":
             own = sq * (d * e + dv * e + 4)  # Q read, O and lse written
             flops_per_tile = 2 * bm * bn * (bd + bdv)
@@ -152,8 +172,9 @@ def _attention_model(rec: Dict[str, Any], case: Dict[str, Any], resident: int, g
         n_n = -(-sk // bn)
         q_rows = q_tiles = 0
         for j in range(n_n):
-            m_lo = max(j * bn - off, 0) // bm * bm if causal else 0
-            rows = max(sq - m_lo, 0)
+            m_hi = min(max(j * bn + bn - off + left, 0), sq)
+            m_lo = min(max(j * bn - off - right, 0) // bm * bm, m_hi)
+            rows = m_hi - m_lo
             q_rows += rows
             q_tiles += -(-rows // bm)
         own = sk * (d + dv) * e * 2  # K, V read, dK, dV written
@@ -213,12 +234,13 @@ def _attention_work(case: Dict[str, Any], pass_: str) -> Tuple[float, float]:
     if case["causal"] and sq not in (1, sk):
         raise ValueError("the FLOP convention covers causal attention with Sq == Sk (or a one-query decode step)")
     causal = case["causal"] and sq == sk and sq > 1  # one query sees every key (bottom-right causal)
+    window = tuple(case.get("window", (-1, -1)))
     kv = b * hk * sk * (d + dv) * e
     if pass_ == "fwd":
         min_bytes = b * hq * sq * (d * e + dv * e + 4) + kv
     else:  # read Q, O, dO, lse, K, V; write dQ, dK, dV
         min_bytes = b * hq * sq * (2 * d * e + 2 * dv * e + 4) + 2 * kv
-    return float(min_bytes), _timing.attention_flops(b, hq, sq, sk, d, causal=causal, mode=pass_)
+    return float(min_bytes), _timing.attention_flops(b, hq, sq, sk, d, causal=causal, mode=pass_, window=window)
 
 
 def _cuda_min_bytes(case: Dict[str, Any]) -> float:
