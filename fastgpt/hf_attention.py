@@ -15,8 +15,12 @@ function: None when plain causal attention suffices, else a boolean (B, 1, Sq, S
   so that padded queries see no key (output 0, as transformers' flash integration returns) and real
   queries see exactly their row's real keys. No gather: the only copy is the reshape when the (B, S)
   dims of transformers' tensor cannot be merged (keys concatenated in a KV cache, for example).
+* transformers' ``sliding_window`` and ``softcap`` kwargs (Mistral, Qwen2's sliding layers) go to every
+  kernel call as its flash-attention integration passes them (see ``_kernel_kwargs``); a mask is then
+  recognised as the patterns above within that window (transformers' sliding-window sdpa masks).
 * any other mask: torch's SDPA through :func:`fastgpt.scaled_dot_product_attention` (a one-time
-  FallbackWarning; an error in strict mode). Never a silent wrong answer.
+  FallbackWarning; an error in strict mode; a ValueError with ``softcap``, which SDPA lacks). Never a
+  silent wrong answer.
 
 The mask (or ``position_ids``) is read once per forward: transformers passes the same tensor to every
 layer, and the answer is cached while that tensor is alive and unmodified (each read is a device sync).
@@ -37,7 +41,7 @@ import fastgpt
 from fastgpt.ops._checks import is_compiling
 
 ATTN_IMPLEMENTATION = "fastgpt"  # the name registered with transformers' AttentionInterface
-_HF_UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias")
+_HF_UNSUPPORTED_KWARGS = ("s_aux", "position_bias")
 DECODE_MAX_SQ = 16  # a causal step of at most this many queries over more cached keys is a decode step
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # transformers' names
 
@@ -78,21 +82,31 @@ def _as_bool_mask(mask: Tensor, batch: int, sq: int, sk: int) -> Optional[Tuple[
     return allowed.expand(batch, sq, sk), clean
 
 
-def _padding_layout(m: Tensor, clean: Tensor, sq: int, sk: int) -> Optional[Layout]:
+def _in_window(j: Tensor, pos: Tensor, window: Optional[int]) -> Tensor:
+    """Keys j inside the sliding window of queries at key positions pos (B|1, Sq, 1): transformers'
+    ``sliding_window_overlay`` (masking_utils), kv_idx > q_idx - sliding_window; all keys when None."""
+    return torch.ones((), dtype=torch.bool, device=j.device) if window is None else j > pos - window
+
+
+def _padding_layout(m: Tensor, clean: Tensor, sq: int, sk: int, window: Optional[int]) -> Optional[Layout]:
     """m (B, Sq, Sk) allowed: a Layout when every row is bottom-right causal attention of queries at key
-    positions q0..q0+Sq-1 over one run [start, end) of real keys (padding before and after it), else None.
+    positions q0..q0+Sq-1 over one run [start, end) of real keys (padding before and after it), within
+    the sliding ``window`` when one is given, else None.
 
     q0 comes from the mask: a real query sees its own key, so its last visible key is q0 + i; padded
-    queries see fewer. The answer is proved by rebuilding the whole mask from (q0, start, end) and
-    comparing; one device sync reads the verdict and the sizes.
+    queries see fewer. [start, end) are the keys some query sees (with a window, cached keys that no
+    query reaches count as padding: no query would see them anyway). The answer is proved by rebuilding
+    the whole mask from (q0, start, end, window) and comparing; one device sync reads the verdict and
+    the sizes.
     """
     j, i = torch.arange(sk, device=m.device), torch.arange(sq, device=m.device)
     q0 = (torch.where(m, j, -1).amax(-1) - i).amax()
-    row = m[:, -1]  # the last query sees every real key of its row (those before the unwritten slots)
-    has = row.any(-1)
-    start = torch.where(has, row.int().argmax(-1), 0)
-    end = torch.where(has, sk - row.flip(-1).int().argmax(-1), 0)
-    want = (j <= (q0 + i)[:, None]) & (j >= start[:, None, None]) & (j < end[:, None, None])
+    seen = m.any(1)  # (B, Sk): the keys some query of the row sees
+    has = seen.any(-1)
+    start = torch.where(has, seen.int().argmax(-1), 0)
+    end = torch.where(has, sk - seen.flip(-1).int().argmax(-1), 0)
+    pos = (q0 + i)[:, None]
+    want = (j <= pos) & _in_window(j, pos, window) & (j >= start[:, None, None]) & (j < end[:, None, None])
     ok = clean & (q0 >= 0) & (q0 + sq <= sk) & (m == want).all()
     # queries before the run, in it, after it; keys before, in, after (unwritten slots included)
     q_before = (torch.clamp(start, max=q0 + sq) - q0).clamp(min=0)
@@ -118,30 +132,32 @@ def _cu_from_starts(starts: Tensor, total: int) -> Tuple[Tensor, int]:
     return cu, int(cu.diff().max())
 
 
-def _packed_layout(m: Tensor, clean: Tensor, sq: int, sk: int) -> Optional[Layout]:
+def _packed_layout(m: Tensor, clean: Tensor, sq: int, sk: int, window: Optional[int]) -> Optional[Layout]:
     """m (B, S, S) allowed: a Layout when every row is block-diagonal causal (packed sequences: query i
-    sees keys first[i]..i, where first[i] is i or first[i - 1]), else None."""
+    sees keys start(i)..i of its sequence), within the sliding ``window`` when one is given, else None.
+    A query that sees no earlier key starts a sequence (with a window of 1 every query does: the same
+    attention)."""
     if sq != sk:
         return None
     j = torch.arange(sk, device=m.device)
-    first = torch.where(m, j, sk).amin(-1)  # (B, S): where each query's sequence starts
-    starts = first == j
-    well_formed = starts | (first == F.pad(first, (1, 0), value=-1)[:, :-1])  # i starts one or continues i - 1's
-    want = (j >= first[..., None]) & (j <= j[:, None])
-    if not bool(clean & well_formed.all() & (m == want).all()):
+    starts = torch.where(m, j, sk).amin(-1) == j  # (B, S): queries whose first visible key is their own
+    first = torch.where(starts, j, 0).cummax(-1).values  # where each query's sequence starts
+    want = (j >= first[..., None]) & (j <= j[:, None]) & _in_window(j, j[:, None], window)
+    if not bool(clean & (m == want).all()):
         return None
     cu, longest = _cu_from_starts(starts.flatten().nonzero(), m.numel() // sk)
     return Layout(keys=sk, cu_q=cu, cu_k=cu, max_q=longest, max_k=longest)
 
 
-def read_mask(mask: Tensor, batch: int, sq: int, sk: int) -> Optional[Layout]:
-    """The Layout that computes attention under ``mask`` exactly at every real query, or None (fallback)."""
+def read_mask(mask: Tensor, batch: int, sq: int, sk: int, window: Optional[int] = None) -> Optional[Layout]:
+    """The Layout that computes attention under ``mask`` exactly at every real query, or None (fallback).
+    With a sliding ``window`` (transformers' ``sliding_window``) the Layout is run with that window."""
     if sq == 0 or sk == 0:
         return None
     got = _as_bool_mask(mask, batch, sq, sk)
     if got is None:
         return None
-    return _padding_layout(*got, sq, sk) or _packed_layout(*got, sq, sk)
+    return _padding_layout(*got, sq, sk, window) or _packed_layout(*got, sq, sk, window)
 
 
 def causal_prefix_length(mask: Tensor, sq: int, sk: int) -> Optional[int]:
@@ -170,9 +186,9 @@ def _cached(kind: str, t: Tensor, sizes: tuple, read: Callable[[], Optional[Layo
     return layout
 
 
-def mask_layout(mask: Tensor, batch: int, sq: int, sk: int) -> Optional[Layout]:
+def mask_layout(mask: Tensor, batch: int, sq: int, sk: int, window: Optional[int] = None) -> Optional[Layout]:
     """read_mask, once per mask tensor."""
-    return _cached("mask", mask, (batch, sq, sk), lambda: read_mask(mask, batch, sq, sk))
+    return _cached("mask", mask, (batch, sq, sk, window), lambda: read_mask(mask, batch, sq, sk, window))
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,6 +243,29 @@ def _is_decode_step(query: Tensor, key: Tensor, value: Tensor, causal: bool, dro
     return causal and 1 <= sq <= DECODE_MAX_SQ and sq < sk and dropout == 0.0 and not wants_grad and not is_compiling()
 
 
+def _sliding_window(window: object) -> Optional[int]:
+    """transformers' ``sliding_window`` kwarg (the number of keys a query sees, itself included), checked."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"fastgpt attention: sliding_window must be a positive int or None; got {window!r}")
+    return window
+
+
+def _kernel_kwargs(dropout: float, scaling: Optional[float], window: Optional[int], softcap: object, sk: int) -> dict:
+    """What every kernel call takes, as transformers' ``_process_flash_attention_kwargs``
+    (modeling_flash_attention_utils) builds it for flash-attn: ``window_size=(sliding_window - 1,
+    sliding_window - 1)`` when there are more keys than the window (causal keeps only the left side:
+    query p sees keys p - sliding_window + 1 .. p, the mask's kv_idx > q_idx - sliding_window), and
+    ``softcap`` as given (the kernels validate it)."""
+    kernel_kwargs = dict(dropout_p=dropout, softmax_scale=scaling)
+    if window is not None and sk > window:
+        kernel_kwargs["window_size"] = (window - 1, window - 1)
+    if softcap is not None:
+        kernel_kwargs["softcap"] = softcap
+    return kernel_kwargs
+
+
 def _varlen(query: Tensor, key: Tensor, value: Tensor, layout: Layout, kernel_kwargs: dict) -> Tensor:
     """flash_attn_varlen_func on (B * S, H, D) views of transformers' (B, H, S, D) tensors (a copy only
     where B and S cannot be merged), GQA heads as they are; -> (B, Sq, Hq, Dv)."""
@@ -263,14 +302,17 @@ def hf_attention_forward(
             f"fastgpt attention for transformers does not support {', '.join(unsupported) or 'output_attentions'}; "
             "use attn_implementation='sdpa' or 'eager' for this model"
         )
-    # what every kernel call takes; window_size / softcap join here once the kernels implement them
-    kernel_kwargs = dict(dropout_p=dropout, softmax_scale=scaling)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     batch, sq, sk = query.shape[0], query.shape[2], key.shape[2]
+    window, softcap = _sliding_window(kwargs.get("sliding_window")), kwargs.get("softcap")
+    kernel_kwargs = _kernel_kwargs(dropout, scaling, window, softcap, sk)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     layout = None
     if attention_mask is not None:
-        layout = None if is_compiling() else mask_layout(attention_mask, batch, sq, sk)
+        layout = None if is_compiling() else mask_layout(attention_mask, batch, sq, sk, window)
         if layout is None:  # not a pattern fastgpt's kernels compute: torch's SDPA, with a warning
+            if softcap:  # torch's SDPA has no softcap (transformers' sdpa integration would drop it)
+                raise ValueError(f"fastgpt attention: softcap={softcap} needs fastgpt's kernels, but this attention mask "
+                                 "is not one they compute (see fastgpt.hf_attention); use attn_implementation='eager'")
             out = fastgpt.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                        scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
             return out.transpose(1, 2).contiguous(), None
@@ -285,7 +327,7 @@ def hf_attention_forward(
         return _varlen(query, key, value, layout, kernel_kwargs), None
     if layout is not None:
         key, value = key[:, :, : layout.keys], value[:, :, : layout.keys]
-    if _is_decode_step(query, key, value, causal, dropout):
+    if _is_decode_step(query, key, value, causal, dropout) and kernel_kwargs.keys() == {"dropout_p", "softmax_scale"}:
         k_cache, v_cache = key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views: the op takes strides
         lengths = torch.full((batch,), key.shape[2], dtype=torch.int32, device=key.device)
         out = fastgpt.flash_attn_with_kvcache(query.transpose(1, 2), k_cache, v_cache, cache_seqlens=lengths,

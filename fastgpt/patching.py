@@ -370,9 +370,8 @@ def patch(model: nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
     if attention:
         hf_reason = hf_attention.register() if "attention" in ops else "'attention' is not in ops"
         for m in attention:
-            why = hf_reason or (llama.attention_blocker(m) if _hf_attention_class(m).__name__ in llama.HF_ATTENTION else None)
-            if why is not None:
-                blocked.setdefault(id(m.config), why)
+            if hf_reason is not None:
+                blocked.setdefault(id(m.config), hf_reason)
 
     for path, m in model.named_modules():
         cls = type(m)
@@ -385,6 +384,8 @@ def patch(model: nn.Module, ops: Iterable[str] = OPS) -> PatchReport:
             changes.append(f"{_type_name(cls)} -> {_DESCRIPTION[kind]}")
         if _hf_attention_class(m) is not None:
             change, why = _switch_attention(m, switched, blocked)
+            if change and _hf_attention_class(m).__name__ in llama.HF_ATTENTION:
+                change += llama.attention_note(m)
             changes += [change if changes else f"{_type_name(cls)}: {change}"] if change else []
             reasons += [why] if why else []
         if changes:

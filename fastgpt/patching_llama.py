@@ -13,7 +13,7 @@ implementation and the report; this module says what a Llama-family module becom
 * ``linear_cross_entropy``: the ``*ForCausalLM`` classes, when ``labels`` are passed in training mode
   (see :func:`causal_lm_loss`).
 * ``attention`` is ``fastgpt.patching``'s: the config's attention implementation becomes "fastgpt"
-  (GQA without copies); a sliding window keeps the model's own (see :func:`attention_blocker`).
+  (GQA without copies), sliding windows included (see :func:`attention_note`).
 
 Each family's classes are matched exactly (a subclass that keeps the forward counts): these are
 transformers' own modules, so no probe run is needed. Only the modeling modules already imported are
@@ -292,9 +292,8 @@ def classify(m: nn.Module, hf: Dict[type, str]) -> Tuple[Optional[str], Optional
     return kind, None
 
 
-def attention_blocker(m: nn.Module) -> Optional[str]:
-    """Why the "fastgpt" attention cannot serve this Llama-family attention module (None if it can)."""
+def attention_note(m: nn.Module) -> str:
+    """What the report adds for this Llama-family attention module: its sliding window, if it has one
+    (Mistral's config.sliding_window; Qwen2 sets the module's own on its sliding layers only)."""
     window = getattr(m, "sliding_window", getattr(getattr(m, "config", None), "sliding_window", None))
-    if window is not None:
-        return f"sliding_window={window}: fastgpt's attention has no sliding window (the model's own attention is kept)"
-    return None
+    return f", sliding_window={window}" if window is not None else ""

@@ -28,7 +28,7 @@ def hf_model(family, seed=0, n_layer=2, **overrides):
     kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1)
     if family == "mistral":
-        kw["sliding_window"] = None  # the default 4096 keeps the model's own attention (tested below)
+        kw["sliding_window"] = None  # plain causal attention here (windows: tests/test_hf_attention_window.py)
     if family == "qwen2":
         kw["tie_word_embeddings"] = True  # the fused loss's weight gradient reaches the tied embedding
     kw.update(overrides)
@@ -235,12 +235,13 @@ def test_patched_model_copies_pickles_and_saves_as_its_original(tmp_path):
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
 
 
-def test_mistral_sliding_window_keeps_its_attention_and_non_silu_mlps_are_left_alone():
-    model = hf_model("mistral", sliding_window=4096)
+def test_mistral_sliding_window_gets_fastgpt_attention_and_non_silu_mlps_are_left_alone():
+    model = hf_model("mistral", sliding_window=4096)  # the window's parity: tests/test_hf_attention_window.py
     report = fastgpt.patch(model)
-    assert model.config._attn_implementation == "sdpa"
-    assert "sliding_window=4096" in report.left_alone["transformers.models.mistral.modeling_mistral.MistralAttention"]
+    assert model.config._attn_implementation == "fastgpt"
+    assert "transformers.models.mistral.modeling_mistral.MistralAttention" not in report.left_alone
     assert "fastgpt.apply_rotary_pos_emb" in report.replaced["model.layers.0.self_attn"]
+    assert "'fastgpt' (fastgpt.flash_attn_func), sliding_window=4096" in report.replaced["model.layers.0.self_attn"]
 
     model, base, ref = three("llama", hidden_act="gelu")
     report = fastgpt.patch(model)
