@@ -171,9 +171,10 @@ def test_other_masks_fall_back_to_sdpa_with_one_warning():
 # ---- the attention function on masks built by transformers' own sdpa_mask ------------------------
 
 
-def hf_mask(pads, sq, past=0, slots=0, right=()):
+def hf_mask(pads, sq, past=0, slots=0, right=(), mask_function=None):
     """transformers' sdpa mask for rows with ``pads`` left-padding tokens (and ``right`` right-padding
-    ones), Sq queries after ``past`` cached keys and ``slots`` unwritten static-cache slots."""
+    ones), Sq queries after ``past`` cached keys and ``slots`` unwritten static-cache slots; causal
+    unless another ``mask_function`` is given."""
     b, seen = len(pads), past + sq
     mask2d = torch.ones(b, seen, dtype=torch.bool)
     for row, n in enumerate(pads):
@@ -181,6 +182,7 @@ def hf_mask(pads, sq, past=0, slots=0, right=()):
     for row, n in enumerate(right):
         mask2d[row, seen - n:] = False
     mask = masking_utils.sdpa_mask(batch_size=b, q_length=sq, kv_length=seen + slots, q_offset=past,
+                                   mask_function=mask_function or masking_utils.causal_mask_function,
                                    attention_mask=mask2d, allow_is_causal_skip=False)
     return mask, mask2d[:, past:]
 

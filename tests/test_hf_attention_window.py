@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from nanogpt_reference import check_model_parity
-from test_hf_attention_padding import padding_mask, triton_or_skip
+from test_hf_attention_padding import hf_mask, padding_mask, triton_or_skip
 from test_patch_llama import hf_model
 
 import fastgpt
@@ -125,19 +125,11 @@ def window_mask(pads, sq, past=0, right=(), window=WINDOW, packed=None):
     """transformers' sliding-window sdpa mask (sliding_window_causal_mask_function) for rows with
     ``pads`` left-padding tokens (``right`` right-padding ones), Sq queries after ``past`` cached keys;
     ``packed``: sequence lengths packed in one row (and_masks with packed_sequence_mask_function)."""
-    b, seen = len(pads), past + sq
-    mask2d = torch.ones(b, seen, dtype=torch.bool)
-    for row, n in enumerate(pads):
-        mask2d[row, :n] = False
-    for row, n in enumerate(right):
-        mask2d[row, seen - n:] = False
     fn = masking_utils.sliding_window_causal_mask_function(window)
     if packed is not None:
         ids = torch.cat([torch.full((n,), i) for i, n in enumerate(packed)])[None]
         fn = masking_utils.and_masks(fn, masking_utils.packed_sequence_mask_function(ids))
-    mask = masking_utils.sdpa_mask(batch_size=b, q_length=sq, kv_length=seen, q_offset=past, mask_function=fn,
-                                   attention_mask=mask2d, allow_is_causal_skip=False)
-    return mask, mask2d[:, past:]
+    return hf_mask(pads, sq, past, right=right, mask_function=fn)
 
 
 def masked_attention(q, k, v, mask, softcap):
