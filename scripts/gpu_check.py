@@ -127,14 +127,14 @@ def collect_tuning(work: str) -> List[Dict[str, Any]]:
 BENCH_ARGS = ("--benchmark-only", "-q", "-rs", "-p", "no:cacheprovider", "--fastgpt-tier", "headline")
 
 
-def _bench(name: str, module: str, budget_s: float) -> Stage:
+def _bench(name: str, module: str, budget_s: float, extra: bool = False) -> Stage:
     # the module's own budget skips cases past it (listed as skipped); ours kills what overruns that
     inner = max(5, int(budget_s * 0.8) - 15)
     cmd = [PY, "-m", "pytest", f"benchmarks/{module}", *BENCH_ARGS, "--fastgpt-budget-s", str(inner),
            "--benchmark-json={work}/" + name + ".json", "--benchmark-columns=median,rounds"]
     # a few seconds of tuning per kernel and shape class: the default and what else compiles in time
     # (compiles are shared across lengths, so later classes get further down the list)
-    return Stage(name, budget_s, cmd, env={"FASTGPT_TUNE_BUDGET_S": "5"}, collect=collect_bench(name))
+    return Stage(name, budget_s, cmd, env={"FASTGPT_TUNE_BUDGET_S": "5"}, collect=collect_bench(name), extra=extra)
 
 
 def _install_failed(results: Dict[str, Any]) -> bool:
@@ -162,7 +162,10 @@ def build_plan() -> List[Stage]:
                                 "-x", "-p", "no:cacheprovider", "--junitxml={work}/sanitizer.xml",
                                 "tests/test_cuda_gpu.py", "-k", "not 4097 and not 65536 and not 8192"],
               env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, collect=collect_junit("sanitizer")),
-        # the rest, as time allows: every attention candidate timed, then the CLI's report
+        # the rest, as time allows: the attention variants (atomic backward; window, softcap), every
+        # attention candidate timed, then the CLI's report
+        _bench("bench_attention_atomic", "test_bench_attention_atomic.py", 60, extra=True),
+        _bench("bench_attention_window", "test_bench_attention_window.py", 60, extra=True),
         Stage("tune_sweep", 120, [PY, "scripts/gpu_check.py", "--tune-sweep"], env={"FASTGPT_TUNE_BUDGET_S": "60"},
               extra=True),
         Stage("fastgpt_bench", 60, [PY, "-m", "fastgpt.cli", "bench", "--quick", "--no-progress", "--json",
