@@ -43,7 +43,8 @@ By default everything is deterministic: each output element is written by one pr
 loop order, so two runs with the same config are bitwise equal. (On a GPU the config is tuned once per
 process and shape class; see :func:`kernels._triton_utils.pick_config`.) ``deterministic=False`` is
 FlashAttention-2's own backward: the dK/dV kernel (ATOMIC_DQ) also computes each tile's dS K and adds
-it into a float32 dQ buffer with atomics, so there is no dQ kernel and its recomputation of S and dP
+it into a float32 dQ buffer with atomics (laid out as the scratch rows x D: packed sequences work the
+same way), so there is no dQ kernel and its recomputation of S and dP
 (5 matmuls per tile instead of 7), and ``_attn_bwd_dq_convert_kernel`` scales and casts the sums. The
 order of the atomic adds, and so dq's last bits, varies from run to run; dk and dv do not change.
 
