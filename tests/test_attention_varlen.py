@@ -296,8 +296,9 @@ def test_custom_op_passes_opcheck():
     cu_q, cu_k = cu_of([4, 0, 5]), cu_of([6, 2, 3])
     with fastgpt.use_backend("reference"):
         for causal in (True, False):
-            opcheck(torch.ops.fastgpt.varlen_attention_fwd.default, (q, k, v, cu_q, cu_k, 5, 6, causal, 0.3),
-                    test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"))
+            for extra in ((), (False,)):  # deterministic=False: a custom-op argument, handed to the backward
+                opcheck(torch.ops.fastgpt.varlen_attention_fwd.default, (q, k, v, cu_q, cu_k, 5, 6, causal, 0.3, *extra),
+                        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.slow
