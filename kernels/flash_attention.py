@@ -43,7 +43,8 @@ By default everything is deterministic: each output element is written by one pr
 loop order, so two runs with the same config are bitwise equal. (On a GPU the config is tuned once per
 process and shape class; see :func:`kernels._triton_utils.pick_config`.) ``deterministic=False`` is
 FlashAttention-2's own backward: the dK/dV kernel (ATOMIC_DQ) also computes each tile's dS K and adds
-it into a float32 dQ buffer with atomics, so there is no dQ kernel and its recomputation of S and dP
+it into a float32 dQ buffer with atomics (laid out as the scratch rows x D: packed sequences work the
+same way), so there is no dQ kernel and its recomputation of S and dP
 (5 matmuls per tile instead of 7), and ``_attn_bwd_dq_convert_kernel`` scales and casts the sums. The
 order of the atomic adds, and so dq's last bits, varies from run to run; dk and dv do not change.
 
@@ -571,7 +572,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DQacc, ATOMIC_DQ: tl.constexpr,  # float32 (B, Hq, Sq, HEAD_DIM) contiguous, zeroed; unused unless ATOMIC_DQ
+    DQacc, ATOMIC_DQ: tl.constexpr,  # float32 scratch rows x HEAD_DIM, contiguous, zeroed; unused unless ATOMIC_DQ
     Alibi, sab, sah, win_left, win_right, softcap2,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
@@ -732,20 +733,27 @@ def _attn_bwd_dq_kernel(
 def _attn_bwd_dq_convert_kernel(
     DQacc, DQ,
     sdqb, sdqh, sdqs, sdqd,
-    Hq, Sq, scale,
+    Hq, Sq, scale, CuQ, TQ,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, RTNE_IN_SOFTWARE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dQ = scale * the float32 sums of the atomic dK/dV kernel, in dQ's dtype and strides."""
+    """dQ = scale * the float32 sums of the atomic dK/dV kernel, in dQ's dtype and strides. The sums'
+    rows are the scratch rows (_scratch_row) x HEAD_DIM: (B, Hq, Sq, HEAD_DIM), or (Hq, TQ, HEAD_DIM) packed."""
     pid = tl.program_id(0)
     n_m_tiles = tl.cdiv(Sq, BLOCK_M)
     bh = pid // n_m_tiles
-    offs_m = pid % n_m_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid % n_m_tiles * BLOCK_M
+    h = bh % Hq
+    b, Sq = _seq_span(CuQ, bh // Hq, Sq, VARLEN)
+    if VARLEN:
+        if m0 >= Sq:
+            return  # a tile past the end of a sequence shorter than the longest
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    rows = DQacc + (bh.to(tl.int64) * Sq + offs_m)[:, None] * HEAD_DIM
+    rows = DQacc + (_scratch_row(bh, h, b, Sq, TQ, VARLEN) + offs_m)[:, None] * HEAD_DIM
     acc = tl.load(rows + offs_d[None, :], mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     dq = cast_out(acc * scale, DQ.dtype.element_ty, RTNE_IN_SOFTWARE)
-    _store_tile(_head_ptr(DQ, bh // Hq, sdqb, bh % Hq, sdqh, ALIGN), dq, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
+    _store_tile(_head_ptr(DQ, b, sdqb, h, sdqh, ALIGN), dq, offs_m, sdqs, offs_d, sdqd, Sq, HEAD_DIM,
                 HEAD_DIM != BLOCK_D, ALIGN)
 
 
@@ -908,10 +916,9 @@ def backward_plans(
     (default: q's GPU); packed tensors with ``seqs``. Allocates the float32 scratch buffers delta and
     lse2 that connect them: (B, Hq, Sq), or (Hq, total_q) packed.
     With ``deterministic=False``: preprocess, the dK/dV kernel that also adds dQ into a zeroed float32
-    (B, Hq, Sq, D) buffer with atomics ("bwd_dkdv_atomic"), and its conversion to dq ("bwd_dq_convert");
-    that buffer (args["DQacc"]) is allocated here and must be zeroed right before its launch (see backward)."""
-    if seqs is not None and not deterministic:
-        raise NotImplementedError("the atomic (deterministic=False) backward does not take packed sequences yet")
+    buffer laid out as the scratch rows x D ((B, Hq, Sq, D), or (Hq, total_q, D) packed) with atomics
+    ("bwd_dkdv_atomic"), and its conversion to dq ("bwd_dq_convert"); that buffer (args["DQacc"]) is
+    allocated here and must be zeroed right before its launch (see backward)."""
     arch = arch if arch is not None else _arch(q)
     b, hq, hk, sq, sk = _shape(q, k, seqs)
     d, dv_dim = q.shape[-1], v.shape[-1]
@@ -945,7 +952,7 @@ def backward_plans(
     }
     scales = {"scale": float(scale), "qk_scale": float(scale) * LOG2E, **feature_args}
     # (deterministic: DQacc is a placeholder pointer, never read, and the kernel compiles as without it)
-    dq_acc = delta if deterministic else torch.empty(b, hq, sq, d, dtype=torch.float32, device=q.device)
+    dq_acc = delta if deterministic else torch.empty(*delta.shape, d, dtype=torch.float32, device=q.device)
     dkdv = LaunchPlan(
         name="bwd_dkdv" if deterministic else "bwd_dkdv_atomic", kernel=_attn_bwd_dkdv_kernel,
         args={**common, "DK": dk, "DV": dv, **_strides("sdk", dk), **_strides("sdv", dv),
@@ -958,9 +965,10 @@ def backward_plans(
         block_d = constexprs["BLOCK_D"]
         convert = LaunchPlan(
             name="bwd_dq_convert", kernel=_attn_bwd_dq_convert_kernel,
-            args={"DQacc": dq_acc, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "Sq": sq, "scale": float(scale)},
+            args={"DQacc": dq_acc, "DQ": dq, **_strides("sdq", dq), "Hq": hq, "Sq": sq, "scale": float(scale),
+                  "CuQ": seq_args["CuQ"], "TQ": seq_args["TQ"]},
             constexprs={"HEAD_DIM": d, "BLOCK_D": block_d, "ALIGN": _stride_align(dq),
-                        "RTNE_IN_SOFTWARE": interpreter_active()},
+                        "RTNE_IN_SOFTWARE": interpreter_active(), "VARLEN": varlen},
             configs=(Config(INTERPRETER_CONFIGS["fwd"].block_m if interpreter_active() else _preprocess_block_m(block_d), 0, 4, 1),),
             grid=_grid(sq, b * hq, "block_m"),
         )
@@ -1054,12 +1062,17 @@ def backward(
     float32 atomics (5 matmuls per tile instead of 7; dq's rounding varies from run to run, dk and dv
     stay bitwise reproducible)."""
     with _on_device(q):
-        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, deterministic=deterministic,
-                                   window=window, softcap=softcap, alibi_slopes=alibi_slopes):
-            if plan.name == "bwd_dkdv_atomic":
-                pick_config(plan)  # a first call may tune: those runs add into DQacc too, so zero it after
-                plan.args["DQacc"].zero_()
-            launch(plan)
+        _launch_backward(backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale,
+                                        deterministic=deterministic, window=window, softcap=softcap,
+                                        alibi_slopes=alibi_slopes))
+
+
+def _launch_backward(plans: List[LaunchPlan]) -> None:
+    for plan in plans:
+        if plan.name == "bwd_dkdv_atomic":
+            pick_config(plan)  # a first call may tune: those runs add into DQacc too, so zero it after
+            plan.args["DQacc"].zero_()
+        launch(plan)
 
 
 def varlen_unsupported_reason(q: Tensor, k: Tensor, v: Tensor, max_seqlen_q: int, max_seqlen_k: int) -> Optional[str]:
@@ -1092,15 +1105,16 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seq
 def varlen_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     dq: Tensor, dk: Tensor, dv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-    max_seqlen_k: int, is_causal: bool, scale: float, *,
+    max_seqlen_k: int, is_causal: bool, scale: float, deterministic: bool = True, *,
     window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
 ) -> None:
-    """:func:`backward` for packed sequences (layouts and options as in :func:`varlen_forward`; dlse None or (Hq, Tq))."""
+    """:func:`backward` for packed sequences (layouts and options as in :func:`varlen_forward`; dlse None
+    or (Hq, Tq)); ``deterministic=False`` as there (the float32 dQ sums are (Hq, Tq, D))."""
     seqs = _seqs(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     with _on_device(q):
-        for plan in backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, seqs=seqs, window=window,
-                                   softcap=softcap, alibi_slopes=alibi_slopes):
-            launch(plan)
+        _launch_backward(backward_plans(dout, q, k, v, out, lse, dlse, dq, dk, dv, is_causal, scale, seqs=seqs,
+                                        deterministic=deterministic, window=window, softcap=softcap,
+                                        alibi_slopes=alibi_slopes))
 
 
 def _on_device(t: Tensor):

@@ -19,6 +19,7 @@ from fastgpt.testing import attention_oracle, check_against_torch, check_attenti
 
 pytest.importorskip("triton", reason="triton is not installed (it is a Linux-only dependency)")
 from fastgpt.kernels import flash_attention as fa  # noqa: E402
+import test_attention_varlen as tav  # noqa: E402
 from test_attention_triton import Case, lse_oracle, make_qkv  # noqa: E402
 
 ATOMIC_KERNELS = {"fwd", "bwd_preprocess", "bwd_dkdv_atomic", "bwd_dq_convert"}
@@ -84,16 +85,60 @@ def test_atomic_backward_meets_the_parity_rule_and_matches_the_deterministic_ker
 
     atomic = _grads(case, device, deterministic=False, entry=entry)
     exact = _grads(case, device, deterministic=True, entry=entry)
-    assert torch.equal(atomic[0], exact[0])  # the forward does not depend on the flag
-    assert torch.equal(atomic[2], exact[2]) and torch.equal(atomic[3], exact[3]), "dk/dv must not change"
-    # dq: the same float32 sums in another order, then one rounding to the dtype (to nearest here, and
-    # toward zero in the deterministic kernel's bfloat16 store under the interpreter): within two of
-    # its units in the last place, plus float32's reordering error for sums that cancel
-    dq_a, dq_d = atomic[1].float(), exact[1].float()
-    eps = torch.finfo(case.dtype).eps
-    torch.testing.assert_close(dq_a, dq_d, rtol=2 * eps, atol=1e-6 * dq_d.abs().max().item())
+    assert_same_but_dq_order(atomic, exact, case.dtype)
     if case.sq > case.sk and case.causal:
         assert torch.all(atomic[1][:, :, : case.sq - case.sk] == 0), "rows that see no key get zero dq"
+
+
+def assert_same_but_dq_order(atomic, exact, dtype) -> None:
+    """(out, dq, dk, dv) of the atomic and the deterministic backward on the same inputs: out, dk and dv
+    bitwise equal; dq the same float32 sums in another order, then one rounding to the dtype (to nearest
+    here, and toward zero in the deterministic kernel's bfloat16 store under the interpreter): within two
+    of its units in the last place, plus float32's reordering error for sums that cancel."""
+    assert torch.equal(atomic[0], exact[0])  # the forward does not depend on the flag
+    assert torch.equal(atomic[2], exact[2]) and torch.equal(atomic[3], exact[3]), "dk/dv must not change"
+    dq_a, dq_d = atomic[1].float(), exact[1].float()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(dq_a, dq_d, rtol=2 * eps, atol=1e-6 * dq_d.abs().max().item())
+
+
+def _varlen_grads(case: "tav.Case", window, device, deterministic: bool):
+    """(out, dq, dk, dv) of flash_attn_varlen_func on the strict triton backend, inputs rounded to the dtype."""
+    q, k, v = (t.detach().to(case.dtype).requires_grad_() for t in tav.make_qkv(case, device, seed=7))
+    dout = torch.randn(q.shape[0], q.shape[1], v.shape[-1], generator=torch.Generator().manual_seed(8))
+    cu_q, cu_k = tav.cu_of(case.lens_q, device), tav.cu_of(case.lens_k, device)
+    with fastgpt.use_backend("triton", strict=True):
+        out = fastgpt.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(case.lens_q), max(case.lens_k), causal=case.causal,
+                                             window_size=window, deterministic=deterministic)
+        out.backward(dout.to(device=device, dtype=case.dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+VARLEN_CASES = [
+    # causal GQA 2:1, head dim 40, a left window; lengths 0 and 1, Sq != Sk per sequence, a sequence
+    # longer than one query tile (the conversion's per-sequence tiles) and one with queries but no keys
+    (tav.Case((5, 0, 1, 40, 3), (9, 0, 1, 33, 0), 40, (4, 2), True, torch.float16), (9, -1)),
+    # not causal, MQA, bfloat16, a two-sided window
+    (tav.Case((3, 20, 0, 7, 1), (9, 5, 4, 7, 1), 16, (4, 1), False, torch.bfloat16), (6, 3)),
+    # causal without a window, float32 (exact dots: small slips show), Sq > Sk: rows that see no key
+    (tav.Case((1, 37, 18), (1, 20, 30), 16, (2, 2), True, torch.float32), (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("case,window", VARLEN_CASES, ids=lambda c: str(c))
+def test_varlen_atomic_backward_meets_the_parity_rule_and_matches_the_deterministic_kernel(case, window, device, launches):
+    """Packed sequences: the float32 dQ sums are (Hq, total_q, D) like the scratch rows, and the
+    conversion kernel writes each sequence's rows into the packed dq."""
+    tav.check_case(case, "triton", device, window=window, deterministic=False)
+    assert {p.name for p in launches} == ATOMIC_KERNELS and all(p.constexprs["VARLEN"] for p in launches)
+    atomic = _varlen_grads(case, window, device, deterministic=False)
+    exact = _varlen_grads(case, window, device, deterministic=True)
+    assert_same_but_dq_order(atomic, exact, case.dtype)
+    start = 0
+    for sq, sk in zip(case.lens_q, case.lens_k):  # rows that see no key (no atomic add): zero dq
+        blind = sq if sk == 0 else (max(sq - sk, 0) if case.causal else 0)
+        assert torch.all(atomic[1][start : start + blind] == 0)
+        start += sq
 
 
 def test_atomic_backward_meets_the_tight_16_bit_rule(device):

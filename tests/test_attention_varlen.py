@@ -55,14 +55,15 @@ def make_qkv(case: Case, device, seed: int = 0) -> List[torch.Tensor]:
     return [torch.randn(*s, generator=g).to(device).requires_grad_() for s in shapes]
 
 
-def packed_oracle(lens_q: Sequence[int], lens_k: Sequence[int], causal: bool, scale: float, with_lse: bool = False):
-    """(q, k, v) packed -> out (and lse (Hq, Tq)): attention_oracle per sequence, concatenated."""
+def packed_oracle(lens_q: Sequence[int], lens_k: Sequence[int], causal: bool, scale: float, with_lse: bool = False,
+                  window: Tuple[int, int] = (-1, -1)):
+    """(q, k, v) packed -> out (and lse (Hq, Tq); not with a window): attention_oracle per sequence, concatenated."""
 
     def fn(q, k, v):
         outs, lses, q0, k0 = [], [], 0, 0
         for sq, sk in zip(lens_q, lens_k):
             qs, ks, vs = (t[a : a + n].transpose(0, 1)[None] for t, a, n in ((q, q0, sq), (k, k0, sk), (v, k0, sk)))
-            outs.append(attention_oracle(qs, ks, vs, causal, scale)[0].transpose(0, 1))
+            outs.append(attention_oracle(qs, ks, vs, causal, scale, window=window)[0].transpose(0, 1))
             if with_lse:
                 lses.append(_lse(qs, ks, causal, scale)[0])
             q0, k0 = q0 + sq, k0 + sk
@@ -87,7 +88,8 @@ def _lse(q, k, causal, scale):
     return torch.logsumexp(s, dim=-1).masked_fill(~has_key, float("-inf"))
 
 
-def check_case(case: Case, backend: str, device, with_lse: bool = False, scale: Optional[float] = None):
+def check_case(case: Case, backend: str, device, with_lse: bool = False, scale: Optional[float] = None,
+               window: Tuple[int, int] = (-1, -1), deterministic: bool = True):
     q, k, v = make_qkv(case, device)
     scale = scale if scale is not None else 1.0 / math.sqrt(case.d)
     cu_q, cu_k = cu_of(case.lens_q, device), cu_of(case.lens_k, device)
@@ -95,10 +97,11 @@ def check_case(case: Case, backend: str, device, with_lse: bool = False, scale: 
 
     def fn(q, k, v):
         return fastgpt.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
-                                              causal=case.causal, return_attn_probs=with_lse)
+                                              causal=case.causal, return_attn_probs=with_lse, window_size=window,
+                                              deterministic=deterministic)
 
     with fastgpt.use_backend(backend, strict=True):
-        check_against_torch(str(case), fn, packed_oracle(case.lens_q, case.lens_k, case.causal, scale, with_lse),
+        check_against_torch(str(case), fn, packed_oracle(case.lens_q, case.lens_k, case.causal, scale, with_lse, window),
                             [q, k, v], case.dtype)
 
 
@@ -293,8 +296,9 @@ def test_custom_op_passes_opcheck():
     cu_q, cu_k = cu_of([4, 0, 5]), cu_of([6, 2, 3])
     with fastgpt.use_backend("reference"):
         for causal in (True, False):
-            opcheck(torch.ops.fastgpt.varlen_attention_fwd.default, (q, k, v, cu_q, cu_k, 5, 6, causal, 0.3),
-                    test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"))
+            for extra in ((), (False,)):  # deterministic=False: a custom-op argument, handed to the backward
+                opcheck(torch.ops.fastgpt.varlen_attention_fwd.default, (q, k, v, cu_q, cu_k, 5, 6, causal, 0.3, *extra),
+                        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.slow

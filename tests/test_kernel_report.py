@@ -72,6 +72,7 @@ AWKWARD_DEFAULTS = [_case("bf16-d8", 8, "bfloat16"), _case("bf16-d40", 40, "bflo
 AWKWARD_DEFAULTS += [_atomic(AWKWARD_DEFAULTS[1]), _atomic(AWKWARD_DEFAULTS[2]),
                      # the packed-sequence (VARLEN) kernels: the quick report's case, and an awkward head dim
                      _QUICK["varlen-gqa"], _case("varlen-fp16-d40", 40, "float16", varlen=True)]
+AWKWARD_DEFAULTS += [_atomic(AWKWARD_DEFAULTS[-1])]  # packed sequences with deterministic=False
 FP32_LEFT_TO_THE_REPORT = (128, 256)
 
 

@@ -134,6 +134,13 @@ MUTATIONS = {
         "tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM), sem=\"relaxed\")",
         "tl.store(dq_ptrs, dq_part, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))", "atomic"),
     "dq convert: dQ not scaled": ("cast_out(acc * scale,", "cast_out(acc,", "atomic"),
+    # ... with packed sequences: the conversion's rows are the sequence's, read and written at its first token
+    "varlen dq convert: sums read at the sequence's index, not its first token": (
+        "(_scratch_row(bh, h, b, Sq, TQ, VARLEN) + offs_m)[:, None] * HEAD_DIM",
+        "(_scratch_row(bh, h, bh // Hq, Sq, TQ, VARLEN) + offs_m)[:, None] * HEAD_DIM", "varlen atomic"),
+    "varlen dq convert: dq stored at the sequence's index, not its first token": (
+        "_store_tile(_head_ptr(DQ, b, sdqb, h, sdqh, ALIGN), dq,", "_store_tile(_head_ptr(DQ, bh // Hq, sdqb, h, sdqh, ALIGN), dq,",
+        "varlen atomic"),
 }
 
 
@@ -214,6 +221,14 @@ def _varlen(device):
     tav.check_case(case, "triton", device, with_lse=True)
 
 
+def _varlen_atomic(device):
+    """deterministic=False on packed sequences (lengths 0 and 1, Sq != Sk, causal GQA, float32)."""
+    import test_attention_varlen as tav
+
+    tav.check_case(tav.Case((5, 0, 1, 17), (9, 2, 1, 20), 16, (2, 1), True, torch.float32), "triton", device,
+                   deterministic=False)
+
+
 CHECKS = {
     # causal, Sq < Sk and Sq > Sk, ragged in both; float32 so small slips show
     "causal": lambda device: (_parity(torch.float32, True, 40, 50)(device), _parity(torch.float32, True, 50, 40)(device)),
@@ -227,6 +242,7 @@ CHECKS = {
     "softcap": _softcap,
     "varlen": _varlen,
     "atomic": _atomic,
+    "varlen atomic": _varlen_atomic,
 }
 
 

@@ -72,8 +72,9 @@ def _alloc_forward(q: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-                max_seqlen_k: int, is_causal: bool, scale: float, window_left: int = -1, window_right: int = -1,
-                softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                max_seqlen_k: int, is_causal: bool, scale: float, deterministic: bool = True, window_left: int = -1,
+                window_right: int = -1, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    # (deterministic is the backward's: an input here so that setup_context can hand it on)
     opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v, max_seqlen_q, max_seqlen_k) == "triton":
         from fastgpt.kernels import flash_attention
@@ -85,49 +86,49 @@ def _varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlen
     return reference.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale, **opts)
 
 
-def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, window_left=-1,
-                     window_right=-1, softcap=0.0, alibi_slopes=None):
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, deterministic=True,
+                     window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
     return _alloc_forward(q, v)
 
 
 def _varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
                 cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
-                scale: float, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                scale: float, deterministic: bool = True, window_left: int = -1, window_right: int = -1,
+                softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     opts = _backend_options(window_left, window_right, softcap, alibi_slopes)
     if _backend_for(q, k, v, max_seqlen_q, max_seqlen_k) == "triton":
         from fastgpt.kernels import flash_attention
 
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         flash_attention.varlen_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                                        max_seqlen_q, max_seqlen_k, is_causal, scale, **opts)
+                                        max_seqlen_q, max_seqlen_k, is_causal, scale, deterministic, **opts)
         return dq, dk, dv
     return reference.varlen_attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, is_causal, scale,
                                                **opts)
 
 
 def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                     window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
+                     deterministic=True, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, window_left, window_right, softcap, alibi_slopes = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, deterministic, window_left, window_right, softcap, alibi_slopes = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi_slopes)
-    ctx.max_q, ctx.max_k, ctx.is_causal, ctx.scale = max_q, max_k, is_causal, scale
+    ctx.max_q, ctx.max_k, ctx.is_causal, ctx.scale, ctx.deterministic = max_q, max_k, is_causal, scale, deterministic
     ctx.window, ctx.softcap = (window_left, window_right), softcap
 
 
 def _backward(ctx, varlen_bwd, dout, dlse):
-    none = (None,) * 10  # cu_seqlens, max_seqlen, is_causal, scale, the options
+    none = (None,) * 11  # cu_seqlens, max_seqlen, is_causal, scale, deterministic, the options
     if dout is None and dlse is None:
         return (None, None, None) + none
     q, k, v, out, lse, cu_q, cu_k, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.is_causal, ctx.scale,
-                            *ctx.window, ctx.softcap, alibi_slopes)
+                            ctx.deterministic, *ctx.window, ctx.softcap, alibi_slopes)
     return (dq, dk, dv) + none
 
 
@@ -286,8 +287,10 @@ def flash_attn_varlen_func(
             i + Sk_b - Sq_b + right (-1 unbounded; causal sets right = 0); softcap c > 0 caps the scaled
             scores at c * tanh(s / c); alibi_slopes (Hq,) or (B, Hq) float32 (row b: sequence b's) add
             -slope * |i + Sk_b - Sq_b - j|. Not with dropout_p > 0.
-        deterministic: accepted for flash-attn compatibility; fastgpt's backward is always
-            deterministic today (flash-attn's default is False, its faster atomic backward).
+        deterministic: True (the default): the backward is bitwise reproducible. False: the Triton
+            backward computes dq inside the dK/dV kernel with float32 atomic adds (as
+            :func:`fastgpt.attention`'s), so dq's rounding varies from run to run (dk, dv do not).
+            flash-attn's default is False; fastgpt's is True.
         return_attn_probs: also return the log-sum-exp (see Returns). Not with dropout_p > 0.
 
     Returns:
@@ -307,7 +310,7 @@ def flash_attn_varlen_func(
     if dropout_p > 0.0:
         return _dropout_fallback(q, k, v, cu_seqlens_q, cu_seqlens_k, opts.causal, scale, float(dropout_p))
     out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, operator.index(max_seqlen_q), operator.index(max_seqlen_k),
-                       opts.causal, scale, *opts.window, opts.softcap, opts.alibi_slopes)
+                       opts.causal, scale, deterministic, *opts.window, opts.softcap, opts.alibi_slopes)
     return (out, lse) if return_attn_probs else out
 
 

@@ -73,7 +73,8 @@ def _case_plans(case: Dict[str, Any]):
         k = torch.empty(b * sk, case["hk"], case["d"], dtype=dtype, device="meta")
         v = torch.empty(b * sk, case["hk"], dv, dtype=dtype, device="meta")
         cu = torch.empty(b + 1, dtype=torch.int32, device="meta")
-        plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"), seqs=fa.Seqs(cu, cu, sq, sk), **opts)
+        plans = fa.example_plans(q, k, v, case["causal"], arch=case.get("config_arch"), seqs=fa.Seqs(cu, cu, sq, sk),
+                                 deterministic=case.get("deterministic", True), **opts)
     else:
         q = torch.empty(case["b"], case["hq"], case["sq"], case["d"] + off, dtype=dtype, device="meta")[..., off:]
         k = torch.empty(case["b"], case["hk"], case["sk"], case["d"], dtype=dtype, device="meta")
