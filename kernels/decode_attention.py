@@ -36,7 +36,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._triton_utils import Config, LaunchPlan, ceil_div, interpreter_active, launch, length_bucket, next_pow2
-from .flash_attention import LOG2E, SUPPORTED_DTYPES, _dot, _dot_precision, head_dim_bucket
+from .flash_attention import LOG2E, SUPPORTED_DTYPES, _dot_precision, head_dim_bucket
+from .flash_attention_tiles import _dot
 
 __all__ = ["unsupported_reason", "forward", "forward_plans", "example_plans", "choose_num_splits", "PAGE_MULTIPLE",
            "MAX_SQ", "MAX_SPLITS", "CONFIGS"]

@@ -26,7 +26,8 @@ import triton.language as tl  # noqa: E402
 
 from fastgpt.kernels import flash_attention as fa  # noqa: E402
 from fastgpt.kernels import flash_attention_configs as fa_configs  # noqa: E402
-from fastgpt.kernels.flash_attention import _window_key_range, _window_query_range  # noqa: E402,F401 (used in jit code)
+from fastgpt.kernels import flash_attention_tiles as fa_tiles  # noqa: E402
+from fastgpt.kernels.flash_attention_tiles import _window_key_range, _window_query_range  # noqa: E402,F401 (used in jit code)
 from test_attention_triton import _default_config_on_gpu, launches  # noqa: E402,F401 (the suite's fixtures)
 
 
@@ -274,7 +275,7 @@ def test_the_sdpa_shortcut_is_not_taken_with_options(device, monkeypatch):
 @triton.jit
 def _tanh_kernel(X, Y, N: tl.constexpr):
     offs = tl.arange(0, N)
-    tl.store(Y + offs, fa._tanh(tl.load(X + offs)))
+    tl.store(Y + offs, fa_tiles._tanh(tl.load(X + offs)))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN

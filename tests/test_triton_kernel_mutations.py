@@ -1,8 +1,9 @@
 """The attention tests cannot pass vacuously: Triton kernels with planted bugs fail them.
 
-Each mutation edits the source text of ``kernels/flash_attention.py`` in one place (its pattern must
-occur exactly once, so a refactor of the kernel breaks this test loudly instead of silently testing
-nothing), loads the edited copy as a separate module, routes the ``triton`` backend to it, and runs
+Each mutation edits the source text of the flash-attention kernels (``kernels/flash_attention.py``
+and the two modules of its @triton.jit code) in one place (its pattern must occur exactly once in
+them, so a refactor of the kernel breaks this test loudly instead of silently testing nothing), loads
+the edited copies as separate modules, routes the ``triton`` backend to them, and runs
 one focused check; the check must fail. The same checks pass on an unedited copy loaded the same
 way, so each failure is the bug's doing. The checks are the suite's own (``CHECKS``): the parity rule
 (:func:`fastgpt.testing.check_against_torch`), the tight 16-bit rule
@@ -31,7 +32,9 @@ pytest.importorskip("triton", reason="triton is not installed (it is a Linux-onl
 from fastgpt.kernels import flash_attention as fa  # noqa: E402
 from fastgpt.kernels._triton_utils import interpreter_active  # noqa: E402
 
-SOURCE = Path(fa.__file__)
+# the modules a mutant is loaded from, in import order (each imports the ones before it)
+SOURCES = {stem: Path(fa.__file__).with_name(f"{stem}.py")
+           for stem in ("flash_attention_tiles", "flash_attention_kernels", "flash_attention")}
 pytestmark = pytest.mark.skipif(not interpreter_active(), reason="mutants run under TRITON_INTERPRET=1 (on a GPU each "
                                 "would be a fresh compile of four kernels: minutes of device time)")
 
@@ -246,15 +249,32 @@ CHECKS = {
 }
 
 
-def _load(source: str, name: str, directory: Path):
-    """The flash-attention module from ``source``, written to ``directory`` (triton's interpreter and
-    JIT read their functions' source from the file), under a temporary name in fastgpt.kernels (so
-    its relative imports resolve); not entered in sys.modules."""
-    path = directory / f"_mutant_{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"fastgpt.kernels._mutant_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _sources() -> dict:
+    return {stem: path.read_text() for stem, path in SOURCES.items()}
+
+
+def _count(sources: dict, pattern: str) -> int:
+    return sum(text.count(pattern) for text in sources.values())
+
+
+def _load(sources: dict, name: str, directory: Path, monkeypatch):
+    """The flash-attention module built from ``sources`` (stem -> text): each module is written to
+    ``directory`` (triton's interpreter and JIT read their functions' source from the file) under a
+    temporary name in fastgpt.kernels (so its relative imports of the other kernel modules resolve),
+    its imports of the modules before it pointed at their copies, and entered in sys.modules for the
+    test's duration (``monkeypatch``) so those imports find them."""
+    module = None
+    renamed = {}
+    for stem, text in sources.items():
+        for original, copy in renamed.items():
+            text = text.replace(f"from .{original} import", f"from .{copy} import")
+        renamed[stem] = f"_mutant_{name}_{stem}"
+        path = directory / f"{renamed[stem]}.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(f"fastgpt.kernels.{renamed[stem]}", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)
+        spec.loader.exec_module(module)
     return module
 
 
@@ -280,9 +300,9 @@ def _run(check: str, device) -> None:
         CHECKS[check](device)
 
 
-@pytest.fixture(scope="module")
-def unedited(mutant_dir):
-    return _load(SOURCE.read_text(), "unedited", mutant_dir)
+@pytest.fixture
+def unedited(mutant_dir, monkeypatch):
+    return _load(_sources(), "unedited", mutant_dir, monkeypatch)
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
@@ -292,19 +312,20 @@ def test_unedited_copy_passes_each_check(check, unedited, route_triton_to, devic
 
 
 def test_every_check_is_used_and_every_pattern_is_unique():
-    source = SOURCE.read_text()
-    counts = {name: source.count(pattern) for name, (pattern, _, _) in MUTATIONS.items()}
-    assert all(n == 1 for n in counts.values()), f"patterns that no longer name one place in {SOURCE.name}: " + str(
+    sources = _sources()
+    counts = {name: _count(sources, pattern) for name, (pattern, _, _) in MUTATIONS.items()}
+    assert all(n == 1 for n in counts.values()), "patterns that no longer name one place in the kernel modules: " + str(
         {name: n for name, n in counts.items() if n != 1})
     assert {check for _, _, check in MUTATIONS.values()} == set(CHECKS)
 
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
-def test_planted_bug_is_caught(name, route_triton_to, mutant_dir, device):
+def test_planted_bug_is_caught(name, route_triton_to, mutant_dir, device, monkeypatch):
     pattern, replacement, check = MUTATIONS[name]
-    source = SOURCE.read_text()
-    assert source.count(pattern) == 1, f"the pattern of {name!r} occurs {source.count(pattern)} times in {SOURCE.name}"
+    sources = _sources()
+    assert _count(sources, pattern) == 1, f"the pattern of {name!r} occurs {_count(sources, pattern)} times in the kernel modules"
     slug = "".join(c if c.isalnum() else "_" for c in name)[:60]
-    route_triton_to(_load(source.replace(pattern, replacement), slug, mutant_dir))
+    mutated = {stem: text.replace(pattern, replacement) for stem, text in sources.items()}
+    route_triton_to(_load(mutated, slug, mutant_dir, monkeypatch))
     with pytest.raises(AssertionError, match="FAILS"):
         _run(check, device)
