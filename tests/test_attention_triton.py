@@ -2,7 +2,7 @@
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported, so every test here
 that forces ``use_backend("triton", strict=True)`` executes the real kernel code (masks, tile loops,
-strides) on CPU tensors; with a GPU the same tests run on CUDA. The parity rule is DESIGN.md section 4
+strides) on CPU tensors; with a GPU the same tests run on CUDA. The parity rule is docs/design.md, "Parity rule"
 (:func:`fastgpt.testing.check_against_torch`): the kernel, forward and all three gradients, may be no
 further from the float64 result than 2x (3x for gradients) what plain torch gets wrong in the same dtype;
 16-bit cases of the covering matrix also meet the tight rule (:func:`fastgpt.testing.check_attention_tight`).

@@ -2,7 +2,7 @@
 
 The emulator compiles the unmodified kernel sources for the host (one fiber per CUDA thread,
 barriers, emulated warp shuffles, poisoned shared memory) and these tests run each op forward and
-backward with the DESIGN.md parity rule: every dtype path (float32, float16, bfloat16, float32
+backward with the parity rule (docs/design.md): every dtype path (float32, float16, bfloat16, float32
 parameters with 16-bit activations), the vectorised and the scalar path (misaligned views, row
 lengths that are not a multiple of the pack), row lengths that are not a multiple of anything
 (1, 7, 33, 1000, 4097), the multi-pass kernels for wide rows, optional weight and bias. The

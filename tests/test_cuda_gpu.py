@@ -1,4 +1,4 @@
-"""The CUDA kernels on a GPU: forward and gradients against the float64 reference (DESIGN.md rule).
+"""The CUDA kernels on a GPU: forward and gradients against the float64 reference (the parity rule of docs/design.md).
 
 Hidden sizes {1, 7, 768, 1000, 4096, 8192, 65536} x rows {1, 3, 4097} x float32/float16/bfloat16,
 weight/bias present or absent (and float32 parameters with 16-bit activations), misaligned views

@@ -1,7 +1,7 @@
 """The reference ops (the CPU fallback and the oracle) against torch and float64 hand computations.
 
 Every public op runs with the ``reference`` backend forced, forward and gradients, and must satisfy
-the DESIGN.md parity rule against the matching torch function (baseline in the same dtype, oracle in
+the parity rule (docs/design.md, "Parity rule") against the matching torch function (baseline in the same dtype, oracle in
 float64). The attention reference is also checked against an independent float64 einsum where its
 semantics differ from torch's (bottom-right causal with Sq != Sk).
 """
@@ -348,7 +348,7 @@ def test_parity_rule_rejects_a_wrong_answer():
 
 
 def test_matrix_covers_design_lengths_and_head_dims():
-    """The attention matrix above exercises every length and head dim DESIGN.md section 4 lists."""
+    """The attention matrix above exercises every length and head dim docs/design.md ("Parity rule") lists."""
     lengths = {s for c in ATTN_CASES for s in (c[3], c[4])}
     dims = {c[5] for c in ATTN_CASES}
     assert {1, 17, 64, 113} <= lengths and {16, 40, 64, 80, 96, 128, 256} <= dims
